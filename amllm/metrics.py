@@ -1,0 +1,97 @@
+"""Run metrics: `metrics.jsonl` always, wandb when asked, one writer (rank 0).
+
+metrics.jsonl holds one JSON object per line:
+
+    {"kind": "train", "step", "tokens", "loss", "lr", "grad_norm", "beta", "beta_min", "beta_max",
+     "betas" (per-layer runs), "beta_fallbacks", "tokens_per_s", "tflops", "time"}
+    {"kind": "eval", "step", "tokens", "val_loss", "val_ppl", "val_tokens", "time"}
+
+`step` counts completed optimizer steps (1 after the first update). On resume the file is cut
+back to the checkpoint's step first, so a resumed run's file reads as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def beta_stats(last_beta: torch.Tensor | None) -> dict:
+    """β telemetry from an AM optimizer's `last_beta` (0-d global, or 1-d per layer)."""
+    if last_beta is None:
+        return {"beta": None, "beta_min": None, "beta_max": None}
+    b = last_beta.detach().float().cpu()
+    if b.ndim == 0:
+        v = b.item()
+        return {"beta": v, "beta_min": v, "beta_max": v}
+    if b.numel() == 0:
+        return {"beta": None, "beta_min": None, "beta_max": None}
+    return {"beta": b.mean().item(), "beta_min": b.min().item(), "beta_max": b.max().item(),
+            "betas": [round(x, 6) for x in b.tolist()]}
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop lines logged after `step` (a run that died after its last checkpoint logged them)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill; the resumed run rewrites that step
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    """Writes metrics on the main rank; every other rank holds a no-op logger."""
+
+    def __init__(self, run_dir: Path, enabled: bool, config: dict, resume_step: int | None,
+                 wandb_mode: str = "disabled", wandb_project: str = "amllm", run_name: str | None = None,
+                 wandb_id: str | None = None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb = None
+        self.wandb_id = wandb_id
+        if not enabled:
+            return
+        if resume_step is not None:
+            truncate_after(self.path, resume_step)
+        elif self.path.exists() and self.path.stat().st_size:
+            # A fresh start over an old file (no checkpoint to resume): keep the old one aside.
+            os.replace(self.path, self.path.with_name(f"metrics.{int(time.time())}.jsonl.bak"))
+        self._f = open(self.path, "a", buffering=1)
+        if wandb_mode != "disabled":
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("log.wandb is set but wandb is not installed; pip install 'amllm[wandb]' "
+                                   "or set log.wandb=disabled") from None
+            self.wandb_id = wandb_id or wandb.util.generate_id()
+            self.wandb = wandb.init(project=wandb_project, name=run_name, id=self.wandb_id, resume="allow",
+                                    mode=wandb_mode, dir=str(run_dir), config=config)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {k: v for k, v in record.items() if v is not None}
+        self._f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            self.wandb.log(flat, step=int(record["step"]))
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._f.close()
+        if self.wandb is not None:
+            self.wandb.finish()

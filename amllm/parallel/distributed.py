@@ -1,0 +1,103 @@
+"""Process-group set-up and the few collectives the trainer needs.
+
+The launch is always a standard launcher: a plain `python train.py` (one process), `torchrun`
+(single- or multi-node; it sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT) or
+`deepspeed` (same variables). NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(pref: str, local_rank: int) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_pref: str = "auto", timeout_s: int = 1800) -> DistInfo:
+    """Join the process group the launcher described (or none for a plain process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_pref, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """In-place SUM over all ranks (a no-op in one process)."""
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s Python object on every rank (used for small things: paths, decisions, errors)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (so all ranks take the same branch)."""
+    if not is_dist():
+        return flag
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, bool(flag))
+    return any(flags)
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """DDP for world > 1. Every rank then holds the full averaged gradient, so AM optimizers
+    must NOT reduce their statistics again (reducer=None): that would count them N times."""
+    if not info.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(model, device_ids=device_ids)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

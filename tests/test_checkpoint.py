@@ -1,0 +1,73 @@
+"""Atomic step-N/ directories and safe loading."""
+
+import warnings
+
+import pytest
+import torch
+
+from amllm import checkpoint as ckpt
+
+
+def _save(run, step, keep=None, payload=None):
+    def write(tmp):
+        ckpt.save_torch(payload if payload is not None else {"w": torch.full((3,), float(step))}, tmp / "model.pt")
+    return ckpt.save_checkpoint(run, step, {"model_fingerprint": "m"}, write, is_main=True, keep=keep)
+
+
+def test_save_list_latest_prune(tmp_path):
+    for s in (10, 20, 30):
+        _save(tmp_path, s, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-20", "step-30"]
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest.name == "step-30" and ckpt.read_meta(latest)["step"] == 30
+    assert torch.equal(ckpt.load_torch(latest / "model.pt")["w"], torch.full((3,), 30.0))
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_incomplete_and_corrupt_are_skipped(tmp_path):
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    (tmp_path / ".tmp-step-3").mkdir()                      # a save killed before the rename
+    (tmp_path / "step-4").mkdir()                           # no meta.json: never counts
+    (tmp_path / "step-2" / "meta.json").write_text("{not json")
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step-2.*corrupt"):
+        assert ckpt.latest_checkpoint(tmp_path).name == "step-1"
+
+
+def test_validate_hook_falls_back(tmp_path):
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    (tmp_path / "step-2" / "model.pt").write_bytes(b"garbage")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = ckpt.latest_checkpoint(tmp_path, validate=lambda p: ckpt.load_torch(p / "model.pt"))
+    assert got.name == "step-1" and "step-2" in str(w[0].message)
+
+
+def test_resave_same_step_replaces(tmp_path):
+    _save(tmp_path, 5)
+    _save(tmp_path, 5, payload={"w": torch.zeros(1)})
+    assert torch.equal(ckpt.load_torch(tmp_path / "step-5" / "model.pt")["w"], torch.zeros(1))
+
+
+def test_writer_error_leaves_previous(tmp_path):
+    _save(tmp_path, 1)
+
+    def boom(tmp):
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        ckpt.save_checkpoint(tmp_path, 2, {}, boom, is_main=True)
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-1"
+
+
+class Evil:  # an arbitrary object that weights_only loading must refuse
+    pass
+
+
+def test_load_refuses_pickled_objects(tmp_path):
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"evil.pt: cannot be read"):
+        ckpt.load_torch(tmp_path / "evil.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"missing"):
+        ckpt.load_torch(tmp_path / "nope.pt")

@@ -1,0 +1,285 @@
+"""Pretrain a LLaMA model with AdamW or the Adaptive Memory optimizers. Read it top to bottom.
+
+    python train.py                                   # the default job: tiny LLaMA, embedded corpus, CPU
+    python train.py --config configs/c4/llama_60m_am_adamw.yaml optim.lr=2e-3
+    torchrun --nproc_per_node 8 train.py --config ...  # DDP (one or many nodes)
+    torchrun ... train.py --config ... parallel.backend=fsdp2
+    deepspeed --num_gpus 8 train.py --config ... parallel.backend=deepspeed \
+        parallel.deepspeed_config=configs/deepspeed/zero2_bf16.json
+    python train.py --config ... --eval-only          # validation loss of the latest checkpoint
+
+Overrides are `section.key=value` (see amllm/config.py for every key). A run directory holds
+config.yaml, metrics.jsonl and step-N/ checkpoints; starting again with the same run_dir resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from amllm import checkpoint as ckpt
+from amllm.config import ConfigError, load_config, save_config
+from amllm.evaluate import evaluate
+from amllm.metrics import MetricsLogger, beta_stats
+from amllm.model import build_model, config_fingerprint, count_params, flops_per_token, load_llama_config, lm_loss
+from amllm.optim_factory import build_optimizer, last_beta
+from amllm.parallel import distributed as D
+from amllm.schedule import lr_at
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults give the CPU demo job")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint to resume from, then exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=3e-3")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    total_steps = cfg.total_steps()
+
+    # ---- processes, devices, precision -------------------------------------------------------
+    info = D.init_distributed(cfg.train.device)
+    device, is_main = info.device, info.is_main
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if device.type == "cuda" and cfg.train.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    per_rank = cfg.train.batch_size // info.world_size
+    if cfg.train.batch_size % info.world_size or per_rank % cfg.train.micro_batch_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must split into {info.world_size} rank(s) x "
+                          f"whole micro-batches of train.micro_batch_size={cfg.train.micro_batch_size}; "
+                          f"adjust one of them")
+    accum = per_rank // cfg.train.micro_batch_size
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
+                else contextlib.nullcontext())
+
+    run_dir = Path(cfg.run_dir)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(run_dir, os.W_OK):
+            raise ConfigError(f"run_dir={str(run_dir)!r} is not writable; choose another run_dir")
+        save_config(cfg, run_dir / "config.yaml")
+
+    # ---- data: rank 0 tokenizes (once, cached), everyone memory-maps -----------------------------
+    from amllm.data import BatchSampler, load_shards, prepare, val_batches
+
+    shard_dir = D.broadcast_object(str(prepare(cfg.data)) if is_main else None)
+    train_data, val_data, manifest = load_shards(Path(shard_dir))
+    sampler = BatchSampler(train_data, seq_len=cfg.data.seq_len, global_batch=cfg.train.batch_size,
+                           micro_batch=cfg.train.micro_batch_size, rank=info.rank, world=info.world_size,
+                           seed=cfg.train.seed)
+    val = val_batches(val_data, seq_len=cfg.data.seq_len, token_budget=cfg.eval.tokens,
+                      micro_batch=cfg.eval.micro_batch_size, rank=info.rank, world=info.world_size)
+
+    # ---- model and optimizer -----------------------------------------------------------------------
+    tok = manifest["tokenizer"]
+    hf_config = load_llama_config(cfg.model, vocab_size=tok["vocab_size"], eos_id=tok.get("eos_id"),
+                                  seq_len=cfg.data.seq_len)
+    model = build_model(hf_config, seed=cfg.train.seed)
+    n_params = count_params(model)
+    flops_tok = flops_per_token(hf_config, n_params["non_embedding"], cfg.data.seq_len)
+    if cfg.train.precision == "bf16_pure":
+        model = model.to(torch.bfloat16)  # the paper's harness: bf16 weights; AM statistics stay fp32
+    model = model.to(device)
+    raw_model = model
+    model = D.wrap_ddp(model, info)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    # Under DDP every rank holds the full averaged gradient: AM statistics need no reduction.
+    optimizer = build_optimizer(cfg.optim, raw_model.parameters(), device, reducer=None)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+
+    # ---- resume ------------------------------------------------------------------------------------
+    meta_now = {"model_fingerprint": config_fingerprint(hf_config), "model": cfg.model.name,
+                "tokenizer_fingerprint": tok.get("fingerprint"), "optimizer": cfg.optim.name,
+                "world_size": info.world_size, "backend": cfg.parallel.backend}
+    start_step, tokens_seen, wandb_id = 0, 0, None
+    resume_from = find_resume(cfg, run_dir, meta_now)
+    if resume_from is not None:
+        trainer_state = load_checkpoint(resume_from, raw_model, optimizer, device)
+        start_step, tokens_seen = trainer_state["step"], trainer_state["tokens"]
+        sampler.load_state_dict(trainer_state["sampler"])
+        torch.set_rng_state(trainer_state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in trainer_state:
+            torch.cuda.set_rng_state(trainer_state["rng_cuda"], device)
+        wandb_id = trainer_state.get("wandb_id") or None
+        if is_main:
+            print(f"resumed from {resume_from} (step {start_step}, {tokens_seen:,} tokens)")
+
+    if args.eval_only:
+        result = evaluate(model, val, device, autocast)
+        if is_main:
+            print(f"step {start_step}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
+                  f"({result['val_tokens']:,} tokens)")
+        D.cleanup()
+        return 0
+
+    logger = MetricsLogger(run_dir, is_main, cfg.to_dict(), resume_step=start_step if resume_from else None,
+                           wandb_mode=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
+                           run_name=cfg.log.run_name or run_dir.name, wandb_id=wandb_id)
+    if is_main:
+        print(f"model {cfg.model.name}: {n_params['total'] / 1e6:.2f}M parameters "
+              f"({n_params['non_embedding'] / 1e6:.2f}M non-embedding), {flops_tok / 1e6:.1f} MFLOPs/token | "
+              f"{info.world_size} rank(s) x {accum} micro-batch(es) of {cfg.train.micro_batch_size} x "
+              f"{cfg.data.seq_len} | {total_steps} steps, {total_steps * cfg.train.batch_size * cfg.data.seq_len:,} "
+              f"tokens | {cfg.optim.name} lr {cfg.optim.lr} warmup {cfg.schedule.warmup_steps} | {device} "
+              f"{cfg.train.precision}")
+
+    def save(step: int) -> None:
+        state = {"step": step, "tokens": tokens_seen, "sampler": sampler.state_dict(),
+                 "rng_cpu": torch.get_rng_state(), "wandb_id": logger.wandb_id or ""}
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(device)
+
+        def write(tmp: Path) -> None:
+            if is_main:
+                ckpt.save_torch(raw_model.state_dict(), tmp / "model.pt")
+                ckpt.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+                ckpt.save_torch(state, tmp / "trainer.pt")
+                save_config(cfg, tmp / "config.yaml")
+
+        ckpt.save_checkpoint(run_dir, step, {**meta_now, "tokens": tokens_seen}, write, is_main, cfg.checkpoint.keep)
+
+    # ---- the training loop -------------------------------------------------------------------------
+    progress = Progress(is_main and cfg.log.progress, start_step, total_steps)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    model.train()
+    t_last, last_logged = time.perf_counter(), start_step
+    for step in range(start_step, total_steps):
+        lr = lr_at(step, cfg.optim.lr, total_steps, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # forward/backward over this rank's micro-batches; DDP syncs gradients on the last one only
+        loss_sum = torch.zeros((), device=device)
+        micro_batches = sampler.next_batch()
+        for i, (x, y) in enumerate(micro_batches):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = i == accum - 1 or not info.distributed
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                loss = lm_loss(model(input_ids=x).logits, y)
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+
+        # global-norm clipping (norm computed either way, for logging), then the update
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += tokens_per_step
+        done = step + 1
+
+        if done % cfg.log.every == 0 or done == total_steps:
+            loss_avg = D.all_reduce_sum_(loss_sum / accum) / info.world_size
+            loss_val = loss_avg.item()  # the one host sync of a logged step
+            now = time.perf_counter()
+            tps = tokens_per_step * (done - last_logged) / (now - t_last)
+            t_last, last_logged = now, done
+            rec = {"kind": "train", "step": done, "tokens": tokens_seen, "loss": loss_val, "lr": lr,
+                   "grad_norm": grad_norm.item(), **beta_stats(last_beta(optimizer)),
+                   "tokens_per_s": tps, "tflops": tps * flops_tok / 1e12, "time": time.time()}
+            fallbacks = getattr(optimizer, "fallback_count", None)
+            if fallbacks is not None:
+                rec["beta_fallbacks"] = int(fallbacks.item())
+            logger.log(rec)
+            progress.update(done, rec)
+
+        last = done == total_steps
+        if (cfg.eval.every and done % cfg.eval.every == 0) or last:
+            result = evaluate(model, val, device, autocast)
+            logger.log({"kind": "eval", "step": done, "tokens": tokens_seen, **result, "time": time.time()})
+            progress.write(f"step {done}: val_loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.1f})")
+        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last:
+            save(done)
+
+    progress.close()
+    logger.close()
+    if is_main:
+        (run_dir / "DONE").touch()
+        print(f"done: {run_dir}")
+    D.cleanup()
+    return 0
+
+
+# ---- helpers kept out of the loop's way ------------------------------------------------------------
+
+
+def find_resume(cfg, run_dir: Path, meta_now: dict) -> Path | None:
+    """The checkpoint to resume from (checkpoint.resume = auto | never | path), checked for
+    compatibility: another model or tokenizer is refused with what differs."""
+    if cfg.checkpoint.resume == "never":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        found = ckpt.latest_checkpoint(run_dir)
+    else:
+        found = Path(cfg.checkpoint.resume)
+        if not found.is_dir():
+            raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r} is not a directory; "
+                              f"give a step-N/ path, auto or never")
+    if found is None:
+        return None
+    meta = ckpt.read_meta(found)
+    for key, what in (("model_fingerprint", "model architecture"), ("tokenizer_fingerprint", "tokenizer")):
+        if meta.get(key) != meta_now.get(key):
+            raise ckpt.CheckpointError(
+                f"{found} was saved with another {what} ({meta.get(key)} vs {meta_now.get(key)} now: "
+                f"model {meta.get('model')!r} vs {meta_now['model']!r}); use a new run_dir or checkpoint.resume=never")
+    return found
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    device: torch.device) -> dict:
+    model.load_state_dict(ckpt.load_torch(path / "model.pt", map_location=device))
+    optimizer.load_state_dict(ckpt.load_torch(path / "optimizer.pt", map_location=device))
+    return ckpt.load_torch(path / "trainer.pt")
+
+
+class Progress:
+    """tqdm bar on rank 0 (step, loss, lr, β, tokens/s, ETA); silent elsewhere."""
+
+    def __init__(self, enabled: bool, start: int, total: int):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, unit="step")
+
+    def update(self, step: int, rec: dict) -> None:
+        if self.bar is None:
+            return
+        self.bar.n = step
+        post = {"loss": f"{rec['loss']:.3f}", "lr": f"{rec['lr']:.2e}"}
+        if rec.get("beta") is not None:
+            post["beta"] = f"{rec['beta']:.3f}"
+        if rec.get("tokens_per_s"):
+            post["tok/s"] = f"{rec['tokens_per_s']:,.0f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.refresh()
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, ckpt.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
