@@ -1,0 +1,95 @@
+"""train.py's throughput against a bare PyTorch loop on the same model and batch.
+
+    python tools/bench_train.py                       # LLaMA-20M, 8 x 256 tokens, fp32, AdamW, CPU
+    python tools/bench_train.py --model tiny --optim am_adamw --steps 20
+
+Both sides run in this process, interleaved (bare, train.py, bare, train.py) so machine noise hits
+both alike; each side's figure is the median step time after warm-up steps. train.py's step time
+comes from its own metrics.jsonl (`tokens_per_s` per step, log.every=1); evaluation and
+checkpointing happen only at the end and are excluded. Prints the ratio (target >= 0.97).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from amllm.config import ModelConfig, OptimConfig  # noqa: E402
+from amllm.model import build_model, lm_loss, load_llama_config  # noqa: E402
+from amllm.optim_factory import build_optimizer  # noqa: E402
+
+
+def bare_loop(model_name: str, optim: str, vocab: int, batch: int, seq: int, steps: int) -> list[float]:
+    """The minimum a training step needs: forward, loss, backward, clip, step, zero_grad."""
+    cfg = load_llama_config(ModelConfig(name=model_name), vocab_size=vocab)
+    model = build_model(cfg)
+    opt = build_optimizer(OptimConfig(name=optim), model.parameters(), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = lm_loss(model(input_ids=x[:, :-1]).logits, x[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def train_py(model_name: str, optim: str, batch: int, seq: int, steps: int, run_dir: Path) -> tuple[list[float], int]:
+    """Per-step times of a real train.py run, and the vocabulary size it used."""
+    import train
+
+    train.main([f"run_dir={run_dir}", f"model.name={model_name}", f"optim.name={optim}",
+                f"train.max_steps={steps}", f"train.batch_size={batch}", f"train.micro_batch_size={batch}",
+                f"data.seq_len={seq}", "eval.every=0", "eval.tokens=2048", "checkpoint.every=0",
+                "checkpoint.resume=never", "log.every=1", "log.progress=false"])
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    tps = [r["tokens_per_s"] for r in recs if r.get("kind") == "train"]
+    final = torch.load(run_dir / f"step-{steps}" / "model.pt", weights_only=True)
+    vocab = final["model.embed_tokens.weight"].shape[0]
+    return [batch * seq / t for t in tps], vocab
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama_20m")
+    p.add_argument("--optim", default="adamw")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3, help="steps dropped from each side's median")
+    p.add_argument("--rounds", type=int, default=2)
+    a = p.parse_args()
+    bare, trained = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.rounds):
+            run = Path(tmp) / f"run{r}"
+            t_steps, vocab = train_py(a.model, a.optim, a.batch, a.seq, a.steps, run)
+            trained += t_steps[a.warmup:]
+            bare += bare_loop(a.model, a.optim, vocab, a.batch, a.seq, a.steps)[a.warmup:]
+    tok = a.batch * a.seq
+    bare_tps = tok / statistics.median(bare)
+    train_tps = tok / statistics.median(trained)
+    print(f"model {a.model}, optim {a.optim}, batch {a.batch}x{a.seq}, {torch.get_num_threads()} threads, "
+          f"{a.rounds} interleaved rounds x {a.steps - a.warmup} timed steps")
+    print(f"bare PyTorch loop : {bare_tps:10,.0f} tokens/s")
+    print(f"train.py          : {train_tps:10,.0f} tokens/s")
+    print(f"ratio train.py / bare = {train_tps / bare_tps:.3f}   (target >= 0.97)")
+
+
+if __name__ == "__main__":
+    main()
