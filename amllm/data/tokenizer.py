@@ -63,6 +63,7 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str | os.PathLike, vocab_
     lines = (line for text in texts for line in text.split("\n") if line.strip())
     spm.set_random_generator_seed(0)  # deterministic paragraph sampling
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like the shards
     try:
         with open(tmp / "tokenizer.model", "wb") as f:
             try:
