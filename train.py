@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 
 from amllm import checkpoint as ckpt
 from amllm.config import ConfigError, load_config, save_config
+from amllm.data import BatchSampler, DataError, load_shards, load_tokenizer, prepare, shard_dir, val_batches
 from amllm.evaluate import evaluate
 from amllm.metrics import MetricsLogger, beta_stats
 from amllm.model import build_model, config_fingerprint, count_params, flops_per_token, load_llama_config, lm_loss
@@ -56,12 +58,6 @@ def main(argv=None) -> int:
     if device.type == "cuda" and cfg.train.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    per_rank = cfg.train.batch_size // info.world_size
-    if cfg.train.batch_size % info.world_size or per_rank % cfg.train.micro_batch_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must split into {info.world_size} rank(s) x "
-                          f"whole micro-batches of train.micro_batch_size={cfg.train.micro_batch_size}; "
-                          f"adjust one of them")
-    accum = per_rank // cfg.train.micro_batch_size
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                 else contextlib.nullcontext())
 
@@ -73,19 +69,19 @@ def main(argv=None) -> int:
         save_config(cfg, run_dir / "config.yaml")
 
     # ---- data: rank 0 tokenizes (once, cached), everyone memory-maps -----------------------------
-    from amllm.data import BatchSampler, load_shards, prepare, val_batches
-
-    shard_dir = D.broadcast_object(str(prepare(cfg.data)) if is_main else None)
-    train_data, val_data, manifest = load_shards(Path(shard_dir))
-    sampler = BatchSampler(train_data, seq_len=cfg.data.seq_len, global_batch=cfg.train.batch_size,
-                           micro_batch=cfg.train.micro_batch_size, rank=info.rank, world=info.world_size,
-                           seed=cfg.train.seed)
-    val = val_batches(val_data, seq_len=cfg.data.seq_len, token_budget=cfg.eval.tokens,
-                      micro_batch=cfg.eval.micro_batch_size, rank=info.rank, world=info.world_size)
+    if is_main:
+        prepare(cfg.data)
+    D.barrier()
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.data_dir)
+    train_data, val_data, manifest = load_shards(shard_dir(cfg.data, tokenizer), tokenizer, cfg.data.seq_len)
+    sampler = BatchSampler(train_data, cfg.data.seq_len, cfg.train.batch_size, cfg.train.micro_batch_size,
+                           rank=info.rank, world=info.world_size, seed=cfg.train.seed)
+    accum = cfg.train.batch_size // info.world_size // cfg.train.micro_batch_size  # micro-steps per step
+    val = val_batches(val_data, cfg.data.seq_len, cfg.eval.tokens, cfg.eval.micro_batch_size,
+                      rank=info.rank, world=info.world_size)
 
     # ---- model and optimizer -----------------------------------------------------------------------
-    tok = manifest["tokenizer"]
-    hf_config = load_llama_config(cfg.model, vocab_size=tok["vocab_size"], eos_id=tok.get("eos_id"),
+    hf_config = load_llama_config(cfg.model, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
                                   seq_len=cfg.data.seq_len)
     model = build_model(hf_config, seed=cfg.train.seed)
     n_params = count_params(model)
@@ -103,7 +99,7 @@ def main(argv=None) -> int:
 
     # ---- resume ------------------------------------------------------------------------------------
     meta_now = {"model_fingerprint": config_fingerprint(hf_config), "model": cfg.model.name,
-                "tokenizer_fingerprint": tok.get("fingerprint"), "optimizer": cfg.optim.name,
+                "tokenizer_fingerprint": tokenizer.fingerprint, "optimizer": cfg.optim.name,
                 "world_size": info.world_size, "backend": cfg.parallel.backend}
     start_step, tokens_seen, wandb_id = 0, 0, None
     resume_from = find_resume(cfg, run_dir, meta_now)
@@ -153,6 +149,7 @@ def main(argv=None) -> int:
         ckpt.save_checkpoint(run_dir, step, {**meta_now, "tokens": tokens_seen}, write, is_main, cfg.checkpoint.keep)
 
     # ---- the training loop -------------------------------------------------------------------------
+    stop = StopRequest()  # SIGTERM / SIGINT: finish the step, checkpoint, exit with PREEMPTED_EXIT
     progress = Progress(is_main and cfg.log.progress, start_step, total_steps)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     model.train()
@@ -203,6 +200,14 @@ def main(argv=None) -> int:
             progress.write(f"step {done}: val_loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.1f})")
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last:
             save(done)
+        elif D.any_rank_on_device(stop.requested(done), device):  # every rank stops at the same step
+            save(done)
+            progress.close()
+            logger.close()
+            if is_main:
+                print(f"stopped at step {done} ({stop.why}); checkpoint saved, run the same command to resume")
+            D.cleanup()
+            return PREEMPTED_EXIT
 
     progress.close()
     logger.close()
@@ -214,6 +219,30 @@ def main(argv=None) -> int:
 
 
 # ---- helpers kept out of the loop's way ------------------------------------------------------------
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "stopped early, checkpoint written, run again to resume"
+
+
+class StopRequest:
+    """Turns SIGTERM (SLURM pre-emption, torchrun shutting down) and SIGINT (Ctrl-C) into a flag the
+    loop checks after each step. AMLLM_TEST_STOP_AT_STEP=N requests a stop after step N (tests)."""
+
+    def __init__(self):
+        self.why = ""
+        self._at = int(os.environ.get("AMLLM_TEST_STOP_AT_STEP", "0"))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.why:  # a second signal: the user insists, stop now without a checkpoint
+            raise KeyboardInterrupt
+        self.why = signal.Signals(signum).name
+
+    def requested(self, step: int) -> bool:
+        if self._at and step >= self._at and not self.why:
+            self.why = f"AMLLM_TEST_STOP_AT_STEP={self._at}"
+        return bool(self.why)
+
 
 
 def find_resume(cfg, run_dir: Path, meta_now: dict) -> Path | None:
@@ -277,9 +306,14 @@ class Progress:
             self.bar.close()
 
 
-if __name__ == "__main__":
+def run_cli(argv=None) -> int:
+    """main() with user errors printed as one line (exit status 2) instead of a traceback."""
     try:
-        sys.exit(main())
-    except (ConfigError, ckpt.CheckpointError) as e:
+        return main(argv)
+    except (ConfigError, DataError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli())

@@ -83,7 +83,6 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        record = {k: v for k, v in record.items() if v is not None}
         self._f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)}

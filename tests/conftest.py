@@ -1,0 +1,62 @@
+"""Shared fixtures: one prepared corpus + tokenizer per test session, and a micro LLaMA config."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")          # tests never reach a hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def micro_model(tmp_path_factory) -> str:
+    """A 2-layer LLaMA small enough for multi-run tests on 2 CPU cores."""
+    path = tmp_path_factory.mktemp("models") / "micro.json"
+    path.write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "num_hidden_layers": 2, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        "vocab_size": 32000, "max_position_embeddings": 256, "initializer_range": 0.02,
+        "tie_word_embeddings": False}))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """The embedded corpus tokenized once for the whole session (the default sotu-sp8k tokenizer)."""
+    from amllm.config import DataConfig
+    from amllm.data import prepare
+
+    d = tmp_path_factory.mktemp("data")
+    prepare(DataConfig(data_dir=str(d)), progress=False)
+    return str(d)
+
+
+@pytest.fixture
+def train_overrides(micro_model, data_dir, tmp_path):
+    """Overrides for a fast deterministic micro run; tests add their own."""
+    def make(run_dir: Path | None = None, **extra) -> list[str]:
+        base = {"run_dir": str(run_dir or tmp_path / "run"), "model.name": micro_model, "data.data_dir": data_dir,
+                "data.seq_len": 64, "train.batch_size": 4, "train.micro_batch_size": 2, "train.max_steps": 6,
+                "schedule.warmup_steps": 2, "eval.every": 3, "eval.tokens": 2048, "checkpoint.every": 3,
+                "log.progress": False, "train.threads": 1}
+        base.update(extra)
+        return [f"{k}={v}" for k, v in base.items()]
+    return make
+
+
+def python() -> str:
+    return sys.executable
