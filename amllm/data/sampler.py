@@ -6,7 +6,7 @@ Neighbouring windows share one token (the last target of one is the first input 
 every token is predicted at most once per epoch.
 
 Order. Epoch ``e`` visits the windows in ``torch.randperm(n_windows)`` drawn from a
-``torch.Generator`` seeded with ``seed * 2**32 + e``: a new permutation each epoch, the same on
+``torch.Generator`` seeded with :func:`epoch_seed` (seed, e): a new permutation each epoch, the same on
 every machine. The epochs are concatenated into one infinite sequence of window indices.
 
 Batches. Optimizer step ``s`` consumes positions ``[s*B, (s+1)*B)`` of that sequence (``B`` = global
@@ -21,12 +21,21 @@ in order, split into contiguous per-rank blocks; every window is evaluated exact
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
 from amllm.data.errors import DataError
 
 STATE_VERSION = 1
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The torch.Generator seed of (seed, epoch). Hashed, because torch's CPU generator keeps only the
+    low 32 bits of its seed: seed * 2**32 + epoch would give every seed the same order."""
+    digest = hashlib.sha256(f"amllm-sampler:{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def num_windows(n_tokens: int, seq_len: int) -> int:
@@ -72,7 +81,7 @@ class BatchSampler:
     def permutation(self, epoch: int) -> np.ndarray:
         """The window order of `epoch` (cached: consecutive steps mostly stay in one epoch)."""
         if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed((self.seed * 2**32 + epoch) % 2**63)
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             self._perm, self._perm_epoch = torch.randperm(self.n_windows, generator=g).numpy(), epoch
         return self._perm
 

@@ -96,10 +96,15 @@ def c4_local_files(path: str | os.PathLike, split: str) -> list[Path]:
 
 def c4_local_documents(path: str | os.PathLike, split: str) -> Iterator[str]:
     """Texts of the split's files in shard order, streamed (no Arrow cache, constant memory)."""
+    import gzip
+
     import datasets
 
     for file in c4_local_files(path, split):
         try:
+            with gzip.open(file, "rb") as f:
+                if not f.read(1):
+                    continue  # an empty shard: no documents (datasets cannot infer a schema from it)
             stream = datasets.load_dataset("json", data_files=[str(file)], split="train", streaming=True)
             for example in stream:
                 text = example.get("text")

@@ -1,0 +1,43 @@
+"""Tokenize a data source into shards (what train.py does on rank 0 before its first step).
+
+    python tools/prepare_data.py                                  # sotu + sotu-sp8k (the default job)
+    python tools/prepare_data.py data.source=c4_local data.path=/data/c4/en data.tokenizer=mistral-v1 \\
+        data.train_tokens=300_000_000 data.val_tokens=10_000_000
+    python tools/prepare_data.py --config configs/some_recipe.yaml data.num_proc=8
+
+Safe to re-run: an up-to-date shard directory is left alone; prints where the shards are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from amllm.config import ConfigError, load_config  # noqa: E402
+from amllm.data import DataError, load_shards, prepare  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a YAML recipe (its data: section is used)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="data.key=value overrides")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides).data
+        out = prepare(cfg, progress=not args.quiet)
+        train, val, man = load_shards(out, seq_len=cfg.seq_len)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{out}: train {len(train):,} tokens ({man['splits']['train']['n_docs']:,} docs), "
+          f"val {len(val):,} tokens ({man['splits']['val']['n_docs']:,} docs), {man['dtype']}, "
+          f"tokenizer {man['tokenizer']['spec']} (vocab {man['tokenizer']['vocab_size']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
