@@ -190,8 +190,9 @@ class TrainConfig:
 class EvalConfig:
     every: int = 50
     """Evaluate every N optimizer steps (0: only at the end)."""
-    tokens: int = 65_536
-    """Validation token budget: the same first tokens of the validation split every time (paper: 10M)."""
+    tokens: int = 49_152
+    """Validation token budget: the same first tokens of the validation split every time (paper: 10M).
+    The default fits inside the embedded corpus' validation split (56,591 tokens)."""
     micro_batch_size: int = 16
 
     def __post_init__(self) -> None:
