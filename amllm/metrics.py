@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -76,7 +77,7 @@ class MetricsLogger:
             except ImportError:
                 raise RuntimeError("log.wandb is set but wandb is not installed; pip install 'amllm[wandb]' "
                                    "or set log.wandb=disabled") from None
-            self.wandb_id = wandb_id or wandb.util.generate_id()
+            self.wandb_id = wandb_id or uuid.uuid4().hex[:8]  # kept in checkpoints: resume = same run
             self.wandb = wandb.init(project=wandb_project, name=run_name, id=self.wandb_id, resume="allow",
                                     mode=wandb_mode, dir=str(run_dir), config=config)
 

@@ -172,3 +172,52 @@ def re_search(pattern: str, text: str) -> bool:
     import re
 
     return re.search(pattern, text) is not None
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16_pure"])
+def test_bf16_precisions_track_fp32(train_overrides, tmp_path, precision):
+    """bf16 autocast and pure-bf16 weights train; losses stay within bf16 resolution of fp32's."""
+    ref, run = tmp_path / "fp32", tmp_path / precision
+    over = {"train.max_steps": 3, "eval.every": 0, "optim.name": "am_adamw"}
+    assert train.main(train_overrides(ref, **over)) == 0
+    assert train.main(train_overrides(run, **over, **{"train.precision": precision})) == 0
+    a, b = metrics(ref), metrics(run)
+    for ra, rb in zip(a, b):
+        # bf16 has an 8-bit mantissa (~0.4% relative); the loss of a ~9 nat model moves < 0.1 nat
+        assert abs(ra["loss"] - rb["loss"]) < 0.1, (ra["loss"], rb["loss"])
+        assert 0.0 <= rb["beta"] <= 0.9
+    params = final_params(run, 3)
+    want = torch.bfloat16 if precision == "bf16_pure" else torch.float32
+    assert all(p.dtype == want and torch.isfinite(p.float()).all() for p in params.values())
+    # the AM statistics stay float32 even when the weights are bf16
+    opt = torch.load(run / "step-3" / "optimizer.pt", weights_only=True)
+    floats = [t for t in _tensors(opt) if t.is_floating_point() and t.numel() == 1]
+    assert floats and all(t.dtype in (torch.float32, torch.float64) for t in floats)
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+@pytest.mark.slow
+def test_wandb_offline_resume_keeps_the_run_id(train_overrides, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run = tmp_path / "run"
+    monkeypatch.setenv("AMLLM_TEST_STOP_AT_STEP", "2")
+    assert train.main(train_overrides(run, **{"log.wandb": "offline", "train.max_steps": 4})) == train.PREEMPTED_EXIT
+    first = torch.load(run / "step-2" / "trainer.pt", weights_only=True)["wandb_id"]
+    monkeypatch.delenv("AMLLM_TEST_STOP_AT_STEP")
+    assert first
+    assert train.main(train_overrides(run, **{"log.wandb": "offline", "train.max_steps": 4})) == 0
+    assert torch.load(run / "step-4" / "trainer.pt", weights_only=True)["wandb_id"] == first
+    runs = list((run / "wandb").glob(f"offline-run-*-{first}"))
+    assert len(runs) == 2  # two offline sessions of the same run id, synced as one run
