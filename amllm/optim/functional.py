@@ -35,7 +35,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .beta import BetaConfig, BetaState, elementwise_layer_sums, finish_beta
+from .beta import BetaConfig, BetaState, at_layer, elementwise_layer_sums, finish_beta
 
 Reducer = Optional[Callable[[Tensor], Tensor]]
 Layer = Union[int, Tensor]  # a layer index, or an int64 element→layer map (flat shards)
@@ -235,7 +235,7 @@ def _adamw_stats(grp: AdamWGroup, c1: Tensor, n_layers: int, impl: str):
                 layer = grp.layers[i]
                 part_i, p = _adamw_stats_one(
                     grp.params[i], grp.grads[i], grp.exp_avgs[i], grp.exp_avg_sqs[i],
-                    t=grp.steps[i], c1=c1[layer], beta2=grp.beta2, eps=grp.eps, lam=grp.lam,
+                    t=grp.steps[i], c1=at_layer(c1, layer), beta2=grp.beta2, eps=grp.eps, lam=grp.lam,
                     wd=grp.weight_decay, coef_a=grp.lr_ratio * (1 + grp.weight_decay * grp.lr),
                     layer=layer, n_layers=n_layers, weight=grp.weights[i],
                 )
@@ -252,7 +252,7 @@ def _adamw_apply(grp: AdamWGroup, scratch: dict, beta: Tensor, impl: str):
             _adamw_apply_foreach(grp, idx, scratch[key], beta)
         else:
             for i, p in zip(idx, scratch[key]):
-                _adamw_apply_one(grp.params[i], grp.grads[i], grp.exp_avgs[i], p, beta[grp.layers[i]],
+                _adamw_apply_one(grp.params[i], grp.grads[i], grp.exp_avgs[i], p, at_layer(beta, grp.layers[i]),
                                  lr=grp.lr, wd=grp.weight_decay, lam=grp.lam)
 
 
@@ -339,7 +339,7 @@ def _sgd_stats(grp: SGDGroup, n_layers: int, impl: str, dtype, device):
         if grp.momentum_buffers[i] is None:
             layer = grp.layers[i]
             if isinstance(layer, Tensor):
-                packed[:, -1] += torch.bincount(layer, minlength=n_layers).to(device, dtype)
+                packed[:, -1] += torch.bincount(layer, minlength=n_layers + 1)[:n_layers].to(device, dtype)
             else:
                 packed[layer, -1] += grp.params[i].numel()
     scratch = {}
@@ -393,7 +393,7 @@ def _sgd_apply(grp: SGDGroup, sc, beta: Tensor, impl: str):
                 _writeback(grp.params[i], X[k])
         else:
             for i in idx:
-                _sgd_apply_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i], beta[grp.layers[i]],
+                _sgd_apply_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i], at_layer(beta, grp.layers[i]),
                                lam=grp.lam, lr=grp.lr, wd=grp.weight_decay)
 
 
