@@ -3,7 +3,6 @@ bf16, checkpoints, validation, the flat-shard layer hook, a convex sanity check.
 
 import io
 import math
-import re
 
 import pytest
 import torch
