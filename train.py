@@ -66,7 +66,8 @@ def main(argv=None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(run_dir, os.W_OK):
             raise ConfigError(f"run_dir={str(run_dir)!r} is not writable; choose another run_dir")
-        save_config(cfg, run_dir / "config.yaml")
+        if not args.eval_only:  # evaluation overrides (eval.tokens=...) must not rewrite the run's config
+            save_config(cfg, run_dir / "config.yaml")
 
     # ---- data: rank 0 tokenizes (once, cached), everyone memory-maps -----------------------------
     if is_main:
@@ -115,6 +116,9 @@ def main(argv=None) -> int:
             print(f"resumed from {resume_from} (step {start_step}, {tokens_seen:,} tokens)")
 
     if args.eval_only:
+        if resume_from is None:
+            raise ckpt.CheckpointError(f"--eval-only: no complete step-N/ checkpoint in {run_dir} "
+                                       f"(or checkpoint.resume=never); train first or give checkpoint.resume=PATH")
         result = evaluate(model, val, device, autocast)
         if is_main:
             print(f"step {start_step}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "

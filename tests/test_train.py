@@ -83,6 +83,9 @@ def test_eval_only_and_hf_export_round_trip(train_overrides, tmp_path):
     out = subprocess.run([sys.executable, "tools/evaluate.py", str(run)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert f"val_loss {final_eval:.4f}" in out.stdout
+    empty = subprocess.run([sys.executable, "train.py", "--eval-only", f"run_dir={tmp_path / 'empty'}"], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert empty.returncode == 2 and "--eval-only: no complete step-N/ checkpoint" in empty.stderr
 
 
 def _torchrun(args: list[str], overrides: list[str], env_extra=None) -> subprocess.Popen:
