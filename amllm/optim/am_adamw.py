@@ -72,6 +72,7 @@ class AMAdamW(AMOptimizerBase):
     """
 
     _name = "AMAdamW"
+    _HAS_COMPILED = True
 
     def __init__(
         self,
@@ -88,12 +89,13 @@ class AMAdamW(AMOptimizerBase):
         restart_low: float = 0.1,
         reducer=None,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ):
         self._validate_group(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lam=lam))
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lam=lam,
                         per_layer=per_layer, beta_policy=beta_policy, beta_min=beta_min,
                         restart_threshold=restart_threshold, restart_low=restart_low)
-        super().__init__(params, defaults, reducer=reducer, foreach=foreach)
+        super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused)
 
     def _beta_max(self, group: dict) -> float:
         return group["betas"][0]
@@ -140,6 +142,6 @@ class AMAdamW(AMOptimizerBase):
                 g.weights.append(self._weight(p))
             groups.append(g)
         self._beta_state, self.last_sums = am_adamw(
-            groups, self._get_beta_state(), self._beta_config(), reduce=reduce, impl=self._impl,
+            groups, self._get_beta_state(), self._beta_config(), reduce=reduce, impl=self._resolved_impl(),
             force_beta=self._force_beta)
         return loss
