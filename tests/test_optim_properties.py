@@ -3,13 +3,18 @@ bf16, checkpoints, validation, the flat-shard layer hook, a convex sanity check.
 
 import io
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from amllm.optim import AMSGD, AMAdamW
 
-IMPLS = [None, False]  # foreach, for-loop
+IMPLS = [None, False, "fused"]  # auto (foreach at these sizes), for-loop, compiled (AMSGD: foreach)
+
+
+def _impl_kw(impl):
+    return {"fused": True} if impl == "fused" else {"foreach": impl}
 
 
 def _params(dtype=torch.float32, seed=0, shapes=((8, 6), (6,), (3, 4))):
@@ -27,7 +32,7 @@ def _grads(params, gen, dtype=None):
 def test_forced_beta_lambda0_is_adamw(foreach, dtype, tol):
     b1, b2, wd, lr = 0.8, 0.99, 0.05, 1e-2
     ours, theirs = _params(dtype), _params(dtype)
-    opt = AMAdamW(ours, lr=lr, betas=(b1, b2), weight_decay=wd, lam=0.0, foreach=foreach)
+    opt = AMAdamW(ours, lr=lr, betas=(b1, b2), weight_decay=wd, lam=0.0, **_impl_kw(foreach))
     opt._force_beta = b1  # test-only hook
     ref = torch.optim.AdamW(theirs, lr=lr, betas=(b1, b2), weight_decay=wd, foreach=False)
     gen = torch.Generator().manual_seed(1)
@@ -45,7 +50,7 @@ def test_forced_beta_lambda0_is_adamw(foreach, dtype, tol):
 @pytest.mark.parametrize("foreach", IMPLS)
 def test_first_step_lambda0_is_adamw_first_step(foreach):
     ours, theirs = _params(torch.float64), _params(torch.float64)
-    opt = AMAdamW(ours, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1, lam=0.0, foreach=foreach)
+    opt = AMAdamW(ours, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1, lam=0.0, **_impl_kw(foreach))
     ref = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1)
     gen = torch.Generator().manual_seed(2)
     for a, b, g in zip(ours, theirs, _grads(ours, gen)):
@@ -97,7 +102,7 @@ def test_am_sgd_lambda_cancels_without_clipping(impl):
 @pytest.mark.parametrize("foreach", IMPLS)
 def test_all_zero_grads_fall_back(cls, per_layer, foreach):
     params = _params()
-    opt = cls(params, lr=1e-2, per_layer=per_layer, foreach=foreach)
+    opt = cls(params, lr=1e-2, per_layer=per_layer, **_impl_kw(foreach))
     n_layers = len(params) if per_layer else 1
     for t in range(3):  # zero from step 1
         for p in params:
@@ -142,7 +147,7 @@ def test_bf16_params_track_fp32(cls, foreach):
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):
         params = _params(dtype)
-        opt = cls(params, lr=1e-2, weight_decay=0.01, per_layer=True, foreach=foreach)
+        opt = cls(params, lr=1e-2, weight_decay=0.01, per_layer=True, **_impl_kw(foreach))
         gen = torch.Generator().manual_seed(3)
         for _ in range(20):
             for p, g in zip(params, _grads(params, gen, torch.float32)):
@@ -365,3 +370,38 @@ def test_am_sgd_beats_fixed_momentum_on_logistic_regression(lr):
     assert math.isfinite(am)
     assert am < heavy_ball - 1e-2, (am, heavy_ball)
     assert am <= dampened + 1e-6, (am, dampened)
+
+
+# ------------------------------------------------------------------ impl selection
+def test_impl_selection_and_compile_fallback(monkeypatch):
+    """auto: foreach below _COMPILE_MIN_NUMEL, compiled from it on; a failing compile
+    warns once and the step runs the foreach path with identical results."""
+    from amllm.optim import _compiled
+
+    assert AMAdamW(_params(), foreach=None)._resolved_impl() == "foreach"
+    assert AMAdamW(_params(), foreach=True)._resolved_impl() == "foreach"
+    assert AMAdamW(_params(), fused=True)._resolved_impl() == "compiled"
+    assert AMAdamW(_params(), fused=False)._resolved_impl() == "foreach"
+    monkeypatch.setattr(AMAdamW, "_COMPILE_MIN_NUMEL", 10)
+    assert AMAdamW(_params())._resolved_impl() == "compiled"
+    assert AMSGD(_params(), lr=0.1)._resolved_impl() == "foreach"  # no compiled AM-SGD
+
+    def broken(fn):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(_compiled, "_STATUS", {})
+    monkeypatch.setattr(_compiled, "compiled", broken)
+    runs = []
+    for kw in ({"fused": True}, {"foreach": True}):
+        params = _params()
+        opt = AMAdamW(params, lr=1e-2, weight_decay=0.1, **kw)
+        gen = torch.Generator().manual_seed(0)
+        with pytest.warns(RuntimeWarning, match="compiled .* unavailable") if "fused" in kw else nullcontext():
+            for _ in range(3):
+                for p, g in zip(params, _grads(params, gen)):
+                    p.grad = g
+                opt.step()
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+

@@ -1,4 +1,4 @@
-"""Lockstep: AMAdamW / AMSGD (both implementations, float64 and float32) vs the float64
+"""Lockstep: AMAdamW / AMSGD (every implementation, float64 and float32) vs the float64
 oracle in tests/reference_am.py, over 24 steps of a problem with two param groups
 (different lr, weight decay, β2, eps), a warmup+cosine lr with an lr=0 step, a parameter
 whose grad is None on some steps, a zero-size parameter, all policies and layer modes."""
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from amllm.optim import AMSGD, AMAdamW
+from amllm.optim import AMSGD, AMAdamW, _compiled
 from reference_am import RefAMAdamW, RefAMSGD
 
 SHAPES = [(6, 5), (7,), (0,), (4, 3), (3,)]
@@ -46,7 +46,10 @@ def layer_setup(mode):
     return True, True, [0, 1, 2, 3, 3], 4  # group 1 shares one β
 
 
-def build(cls, dtype, mode, policy, foreach, hp0, hp1, **kw):
+IMPL_KW = {"auto": {}, "foreach": {"foreach": True}, "forloop": {"foreach": False}, "fused": {"fused": True}}
+
+
+def build(cls, dtype, mode, policy, impl, hp0, hp1, **kw):
     torch.manual_seed(1)
     init = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
     params = [torch.nn.Parameter(x.to(dtype)) for x in init]
@@ -55,20 +58,25 @@ def build(cls, dtype, mode, policy, foreach, hp0, hp1, **kw):
         {"params": [params[i] for i in range(5) if GROUP_OF[i] == 0], **hp0},
         {"params": [params[i] for i in range(5) if GROUP_OF[i] == 1], "layer_per_group": lpg, **hp1},
     ]
-    opt = cls(groups, lr=0.0, per_layer=per_layer, beta_policy=policy, foreach=foreach, **kw)
+    opt = cls(groups, lr=0.0, per_layer=per_layer, beta_policy=policy, **IMPL_KW[impl], **kw)
     return opt, params, init, layer_of, n_layers
 
 
 POLICY_KW = {"am": {}, "clip": {"beta_min": 0.3}, "restart": {"restart_threshold": 0.6, "restart_low": 0.2}}
 REF_POLICY = {"am": {}, "clip": {"beta_min": 0.3}, "restart": {"theta": 0.6, "low": 0.2}}
-CASES = [(m, pol, fe) for m in ("global", "tensor", "group") for pol in ("am", "clip", "restart")
-         for fe in (None, False)]
+SGD_CASES = [(m, pol, impl) for m in ("global", "tensor", "group") for pol in ("am", "clip", "restart")
+             for impl in ("foreach", "forloop")]
+# AM-AdamW also has the torch.compile'd two-pass path (fused=True); compiled once per dtype.
+ADAMW_CASES = [(m, pol, impl) for m in ("global", "tensor", "group") for pol in ("am", "clip", "restart")
+               for impl in ("foreach", "forloop", "fused")]
 
 
-def run_lockstep(cls, ref_cls, dtype, mode, policy, foreach, hp0, hp1, ref_hp, tol, state_of, lam=0.1):
+def run_lockstep(cls, ref_cls, dtype, mode, policy, impl, hp0, hp1, ref_hp, tol, state_of, lam=0.1):
     """Steps both in lockstep; ``state_of(ref)`` -> [(state key, per-param ref tensors)]."""
     opt, params, init, layer_of, n_layers = build(
-        cls, dtype, mode, policy, foreach, hp0, hp1, lam=lam, **POLICY_KW[policy])
+        cls, dtype, mode, policy, impl, hp0, hp1, lam=lam, **POLICY_KW[policy])
+    if impl == "fused":  # the compiled path really runs (no silent foreach fallback)
+        assert opt._resolved_impl() == "compiled" and _compiled.available(torch.device("cpu"), dtype)
     ref = ref_cls(init, GROUP_OF, [dict(ref_hp[0]), dict(ref_hp[1])], layer_of, n_layers,
                   beta_max=0.9, policy=policy, **REF_POLICY[policy])
     betas_seen = []
@@ -108,18 +116,18 @@ SGD_REF = ({"lr": 0.0, "weight_decay": 0.1, "lam": 0.1}, {"lr": 0.0, "weight_dec
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, (1e-10, 1e-12)), (torch.float32, (2e-5, 2e-6))])
-@pytest.mark.parametrize("mode,policy,foreach", CASES)
-def test_am_adamw_matches_reference(dtype, tol, mode, policy, foreach):
-    betas = run_lockstep(AMAdamW, RefAMAdamW, dtype, mode, policy, foreach, ADAMW_HP[0], ADAMW_HP[1], ADAMW_REF,
+@pytest.mark.parametrize("mode,policy,impl", ADAMW_CASES)
+def test_am_adamw_matches_reference(dtype, tol, mode, policy, impl):
+    betas = run_lockstep(AMAdamW, RefAMAdamW, dtype, mode, policy, impl, ADAMW_HP[0], ADAMW_HP[1], ADAMW_REF,
                          tol, lambda ref: [("exp_avg", ref.d), ("exp_avg_sq", ref.v)])
     if policy == "am":  # the ratio branch was exercised, not only clips and fallbacks
         assert any(0.0 < b < 0.9 for b in betas)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, (1e-10, 1e-12)), (torch.float32, (2e-5, 2e-6))])
-@pytest.mark.parametrize("mode,policy,foreach", CASES)
-def test_am_sgd_matches_reference(dtype, tol, mode, policy, foreach):
-    betas = run_lockstep(AMSGD, RefAMSGD, dtype, mode, policy, foreach, SGD_HP[0], SGD_HP[1], SGD_REF, tol,
+@pytest.mark.parametrize("mode,policy,impl", SGD_CASES)
+def test_am_sgd_matches_reference(dtype, tol, mode, policy, impl):
+    betas = run_lockstep(AMSGD, RefAMSGD, dtype, mode, policy, impl, SGD_HP[0], SGD_HP[1], SGD_REF, tol,
                          lambda ref: [("momentum_buffer", ref.d)])
     if policy == "am":
         assert any(0.0 < b < 0.9 for b in betas)

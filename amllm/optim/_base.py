@@ -53,11 +53,24 @@ class AMOptimizerBase(Optimizer):
 
     _name = "AMOptimizer"
 
-    def __init__(self, params, defaults: dict, reducer=None, foreach: Optional[bool] = None):
+    #: ``impl="auto"`` picks the compiled path from this many elements on (fewer: foreach,
+    #: whose speed does not matter there and which needs no compile time).
+    _COMPILE_MIN_NUMEL = 1 << 20
+    #: Whether this optimizer has a compiled (fused) path.
+    _HAS_COMPILED = False
+
+    def __init__(self, params, defaults: dict, reducer=None, foreach: Optional[bool] = None,
+                 fused: Optional[bool] = None):
         validate_beta_options(*(defaults[k] for k in _BETA_KEYS[:4]))
         if foreach not in (None, True, False):
             raise ValueError(f"Invalid foreach: {foreach!r} (must be None, True or False)")
-        self._impl = "forloop" if foreach is False else "foreach"
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused: {fused!r} (must be None, True or False)")
+        if fused and foreach is not None:
+            raise ValueError("fused=True and foreach cannot both be given")
+        #: "forloop" | "foreach" | "compiled" | "auto" (resolved on the first step)
+        self._impl = ("compiled" if fused else "forloop" if foreach is False else "foreach"
+                      if foreach or fused is False else "auto")
         self.reducer = reducer
         self._reduce_resolved = False
         self._reduce_fn = None
@@ -196,6 +209,16 @@ class AMOptimizerBase(Optimizer):
         from .reduce import is_dtensor
 
         return 1.0 if is_dtensor(p) else self._plain_weight
+
+    def _resolved_impl(self) -> str:
+        """The kernel path of this step: ``auto`` becomes ``compiled`` for models of at
+        least ``_COMPILE_MIN_NUMEL`` elements (when the optimizer has such a path; whether
+        it compiles on the device is checked per (device, dtype) at the first step, with a
+        foreach fallback), else ``foreach``."""
+        if self._impl != "auto":
+            return self._impl
+        n = sum(local(p).numel() for g in self.param_groups for p in g["params"])
+        return "compiled" if self._HAS_COMPILED and n >= self._COMPILE_MIN_NUMEL else "foreach"
 
     def _take_lr_ratio(self, group: dict) -> float:
         """r for this step; remembers this step's lr for the next one."""

@@ -33,7 +33,9 @@ class AMSGD(AMOptimizerBase):
     d is a convex combination of d and g (dampened), unlike ``torch.optim.SGD``'s
     d ← β d + g. Without the clip λ cancels exactly (β(λ) = β(0)(1+λ) - λ); λ acts
     only through the clip, as a floor λ/(1+λ) of memory. Groups, layers, reducer,
-    policies, attributes and checkpoints: as :class:`AMAdamW`. Per-param state:
+    policies, attributes and checkpoints: as :class:`AMAdamW`. ``foreach``: as AMAdamW;
+    ``fused=True`` is accepted (``optim.impl=fused``) but runs the foreach path (no compiled
+    AM-SGD kernels yet). Per-param state:
     ``momentum_buffer``. ``last_sums`` is [L, 4] = A, B, C, count.
     """
 
@@ -53,12 +55,13 @@ class AMSGD(AMOptimizerBase):
         restart_low: float = 0.1,
         reducer=None,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ):
         self._validate_group(dict(lr=lr, beta_max=beta_max, lam=lam, weight_decay=weight_decay))
         defaults = dict(lr=lr, beta_max=beta_max, lam=lam, weight_decay=weight_decay, per_layer=per_layer,
                         beta_policy=beta_policy, beta_min=beta_min, restart_threshold=restart_threshold,
                         restart_low=restart_low)
-        super().__init__(params, defaults, reducer=reducer, foreach=foreach)
+        super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused)
 
     def _beta_max(self, group: dict) -> float:
         return group["beta_max"]
@@ -95,7 +98,7 @@ class AMSGD(AMOptimizerBase):
             groups.append(g)
             owners.append(owner)
         self._beta_state, self.last_sums = am_sgd(
-            groups, self._get_beta_state(), self._beta_config(), reduce=reduce, impl=self._impl,
+            groups, self._get_beta_state(), self._beta_config(), reduce=reduce, impl=self._resolved_impl(),
             force_beta=self._force_beta)
         for g, owner in zip(groups, owners):  # buffers created on a tensor's first step
             for p, buf in zip(owner, g.momentum_buffers):

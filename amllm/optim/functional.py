@@ -18,7 +18,11 @@ Two implementations of phases 1 and 3 (``impl``):
 * ``"foreach"``: ``torch._foreach_*`` multi-tensor ops per (device, dtype) bucket, with
   algebraic rewrites that save passes over memory (documented inline).
 
-Both are tested against an independent float64 oracle (``tests/reference_am.py``).
+* ``"compiled"`` (AM-AdamW only): two ``torch.compile``d kernels per tensor, see
+  ``_compiled.py``. Falls back to ``"foreach"`` (warning once) where compiling fails;
+  tensors with fewer than 2 elements or non-contiguous tensors take the for-loop lines.
+
+All are tested against an independent float64 oracle (``tests/reference_am.py``).
 
 Numerics: statistics (sums, β, π) are computed in float32, or float64 for float64
 parameters, whatever the parameter dtype. For bf16/fp16 parameters the math of a tensor
@@ -35,12 +39,13 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from . import _compiled
 from .beta import BetaConfig, BetaState, at_layer, elementwise_layer_sums, finish_beta
 
 Reducer = Optional[Callable[[Tensor], Tensor]]
 Layer = Union[int, Tensor]  # a layer index, or an int64 element→layer map (flat shards)
 
-IMPLS = ("forloop", "foreach")
+IMPLS = ("forloop", "foreach", "compiled")
 
 
 @dataclass
@@ -142,11 +147,24 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-def _buckets(n: int, tensors: list[Tensor], layers: list[Layer]) -> dict:
-    """Indices of the foreach-able tensors grouped by (device, dtype); the rest separately."""
+def _buckets(n: int, tensors: list[Tensor], layers: list[Layer], impl: str = "foreach", others=()) -> dict:
+    """Indices grouped by ``(impl, device, dtype)``, each bucket's impl resolved:
+
+    element→layer maps always take ``"forloop"``; ``"compiled"`` needs ≥ 2 elements,
+    contiguous tensors (``tensors`` and every list in ``others``) and a working compiler
+    for the (device, dtype), else it takes ``"forloop"`` (odd tensors) or ``"foreach"``.
+    """
     out: dict = {}
     for i in range(n):
-        key = "forloop" if isinstance(layers[i], Tensor) else (tensors[i].device, tensors[i].dtype)
+        t = tensors[i]
+        if impl == "forloop" or isinstance(layers[i], Tensor):
+            key = ("forloop", None, None)
+        elif impl == "compiled" and (t.numel() < 2 or not all(x[i].is_contiguous() for x in (tensors, *others))):
+            key = ("forloop", None, None)
+        elif impl == "compiled" and _compiled.available(t.device, t.dtype):
+            key = ("compiled", t.device, t.dtype)
+        else:
+            key = ("foreach", t.device, t.dtype)
         out.setdefault(key, []).append(i)
     return out
 
@@ -215,11 +233,40 @@ def _adamw_stats_foreach(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: 
         raw.append(torch.stack(row))
     del Q, Delta
     raw = torch.stack(raw)  # [n, 3 or 5]: Σgq, Σδq, C, (Σgx, Σδx)
+    return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, n_layers), (X, Dm, P, WDelta)
+
+
+def _adamw_rows(raw: Tensor, grp: AdamWGroup) -> Tensor:
+    """``[n, 3 or 5]`` raw sums (Σgq, Σδq, C, (Σgx, Σδx)) -> ``[n, 4]`` = A, B, C, D."""
+    mu = grp.weight_decay
     coef_a = grp.lr_ratio * (1 + mu * grp.lr)
     a = coef_a * (raw[:, 0] + mu * raw[:, 3]) if mu != 0 else coef_a * raw[:, 0]
     d_ = mu * raw[:, 4] if mu != 0 else torch.zeros_like(a)
-    rows = torch.stack([a, raw[:, 1] - raw[:, 2], raw[:, 2], d_], 1)  # [n, 4] = A, B, C, D
-    return _rows_to_layers(rows, grp, idx, n_layers), (X, Dm, P, WDelta)
+    return torch.stack([a, raw[:, 1] - raw[:, 2], raw[:, 2], d_], 1)
+
+
+def _inv_sqrt_c2(beta2: float, t: int) -> float:
+    return 1 / math.sqrt(1 - beta2**t)
+
+
+def _adamw_stats_compiled(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: int):
+    """Pass 1 of the compiled path: v in place, five partial sums per tensor."""
+    f = _compiled.compiled("adamw_pass1")
+    F = _compiled.flat
+    raw = torch.stack([
+        f(F(grp.params[i]), F(grp.grads[i]), F(grp.exp_avgs[i]), F(grp.exp_avg_sqs[i]), c1[grp.layers[i]],
+          grp.beta2, grp.eps, grp.lam, _inv_sqrt_c2(grp.beta2, grp.steps[i]))
+        for i in idx])
+    return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, n_layers), c1
+
+
+def _adamw_apply_compiled(grp: AdamWGroup, idx: list[int], c1: Tensor, beta: Tensor):
+    """Pass 2 of the compiled path: d and x in place (p recomputed from v)."""
+    f = _compiled.compiled("adamw_pass2")
+    F = _compiled.flat
+    for i in idx:
+        f(F(grp.params[i]), F(grp.grads[i]), F(grp.exp_avgs[i]), F(grp.exp_avg_sqs[i]), c1[grp.layers[i]],
+          beta[grp.layers[i]], grp.eps, grp.lam, _inv_sqrt_c2(grp.beta2, grp.steps[i]), grp.lr, grp.weight_decay)
 
 
 def _adamw_apply_foreach(grp: AdamWGroup, idx: list[int], scratch, beta: Tensor):
@@ -234,13 +281,19 @@ def _adamw_apply_foreach(grp: AdamWGroup, idx: list[int], scratch, beta: Tensor)
         _writeback(grp.params[i], X[k])
 
 
+def _adamw_buckets(grp: AdamWGroup, impl: str) -> dict:
+    return _buckets(len(grp.params), grp.params, grp.layers, impl, (grp.grads, grp.exp_avgs, grp.exp_avg_sqs))
+
+
 def _adamw_stats(grp: AdamWGroup, c1: Tensor, n_layers: int, impl: str):
     packed, scratch = None, {}
     n = len(grp.params)
     if not grp.weights:
         grp.weights = [1.0] * n
-    for key, idx in _buckets(n, grp.params, grp.layers).items():
-        if impl == "foreach" and key != "forloop":
+    for key, idx in _adamw_buckets(grp, impl).items():
+        if key[0] == "compiled":
+            part, scratch[key] = _adamw_stats_compiled(grp, idx, c1, n_layers)
+        elif key[0] == "foreach":
             part, scratch[key] = _adamw_stats_foreach(grp, idx, c1, n_layers)
         else:
             parts, ps = [], []
@@ -260,8 +313,10 @@ def _adamw_stats(grp: AdamWGroup, c1: Tensor, n_layers: int, impl: str):
 
 
 def _adamw_apply(grp: AdamWGroup, scratch: dict, beta: Tensor, impl: str):
-    for key, idx in _buckets(len(grp.params), grp.params, grp.layers).items():
-        if impl == "foreach" and key != "forloop":
+    for key, idx in _adamw_buckets(grp, impl).items():
+        if key[0] == "compiled":
+            _adamw_apply_compiled(grp, idx, scratch[key], beta)
+        elif key[0] == "foreach":
             _adamw_apply_foreach(grp, idx, scratch[key], beta)
         else:
             for i, p in zip(idx, scratch[key]):
@@ -356,9 +411,9 @@ def _sgd_stats(grp: SGDGroup, n_layers: int, impl: str, dtype, device):
             else:
                 packed[layer, -1] += grp.params[i].numel()
     scratch = {}
-    for key, idx in _buckets(len(have), [grp.params[i] for i in have], [grp.layers[i] for i in have]).items():
+    for key, idx in _buckets(len(have), [grp.params[i] for i in have], [grp.layers[i] for i in have], impl).items():
         idx = [have[j] for j in idx]
-        if impl == "foreach" and key != "forloop":
+        if key[0] == "foreach":
             X = [_up(grp.params[i]) for i in idx]
             G = [_sgd_grad(X[k], _up(grp.grads[i]), grp.weight_decay) for k, i in enumerate(idx)]
             Dm = [_up(grp.momentum_buffers[i]) for i in idx]
@@ -388,9 +443,9 @@ def _sgd_apply(grp: SGDGroup, sc, beta: Tensor, impl: str):
             x.copy_(_up(x) - grp.lr * d)
             grp.momentum_buffers[i] = d.to(x.dtype)
     sub = [grp.params[i] for i in have]
-    for key, idx in _buckets(len(have), sub, [grp.layers[i] for i in have]).items():
+    for key, idx in _buckets(len(have), sub, [grp.layers[i] for i in have], impl).items():
         idx = [have[j] for j in idx]
-        if impl == "foreach" and key != "forloop":
+        if key[0] == "foreach":
             X, Dm, Delta = scratch[key]
             # d ← ((β+λ)d + (1-β)g)/(1+λ) = d - (1-β)/(1+λ) δ
             torch._foreach_mul_(Delta, [(beta[grp.layers[i]] - 1) / (1 + grp.lam) for i in idx])
@@ -419,6 +474,8 @@ def am_sgd(
     Returns the new β state and the packed sums ``[L, 4]`` = [A, B, C, count].
     """
     L, dt, dev = state.pi.numel(), state.pi.dtype, state.pi.device
+    if impl == "compiled":  # no compiled AM-SGD kernels (yet): the foreach path
+        impl = "foreach"
 
     def num_den(packed):
         return packed[:, 0] - packed[:, 1], packed[:, 2]
