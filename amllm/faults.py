@@ -135,20 +135,31 @@ def checkpoint_bytes(model: torch.nn.Module, optimizer_name: str) -> int:
 def check_free_space(run_dir: Path, ckpt_bytes: int, keep: int, existing: int) -> None:
     """Enough free space for the checkpoints still to come: at the peak of a save `keep` old ones and
     the new one coexist, the ones already there take no new space. Skipped if the filesystem cannot say."""
+    where = Path(run_dir).absolute()
+    while not where.exists():  # the run directory may not exist yet: ask its filesystem
+        where = where.parent
     try:
-        free = shutil.disk_usage(run_dir).free
+        free = shutil.disk_usage(where).free
     except OSError:
         return
-    need = ckpt_bytes * max(1, keep + 1 - existing)
-    if free < need:
-        raise ConfigError(f"run_dir={str(run_dir)!r} has {free / 2**30:.2f} GiB free, the checkpoints of this run "
-                          f"need about {need / 2**30:.2f} GiB ({max(1, keep + 1 - existing)} x "
-                          f"{ckpt_bytes / 2**30:.2f} GiB); free space or choose another run_dir")
+    n = max(1, keep + 1 - existing)
+    if free < ckpt_bytes * n:
+        raise ConfigError(f"run_dir={str(run_dir)!r} has {_size(free)} free, the checkpoints of this run need about "
+                          f"{_size(ckpt_bytes * n)} ({n} x {_size(ckpt_bytes)}: checkpoint.keep={keep} plus the one "
+                          f"being written); free space or choose another run_dir")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def write_run_config(cfg: Config, run_dir: Path) -> str | None:
     """Write config.yaml; an existing one that differs (a resume with new hyper-parameters) is kept as
-    config.<unix time>.yaml first. Returns a note saying what changed, or None."""
+    config.<YYYYmmdd-HHMMSS>.yaml first. Returns a note saying what changed, or None."""
     path = Path(run_dir) / "config.yaml"
     note = None
     if path.is_file():
@@ -158,7 +169,10 @@ def write_run_config(cfg: Config, run_dir: Path) -> str | None:
             old = None
         new = cfg.to_dict()
         if old != new:
-            keep = path.with_name(f"config.{int(time.time())}.yaml")
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            keep, i = path.with_name(f"config.{stamp}.yaml"), 1
+            while keep.exists():
+                keep, i = path.with_name(f"config.{stamp}-{i}.yaml"), i + 1
             os.replace(path, keep)
             changed = sorted(_diff_keys(old or {}, new))
             note = (f"config changed since the last start ({', '.join(changed[:8]) or 'unreadable'}); "
@@ -188,10 +202,10 @@ def claim_run_dir(cfg: Config, run_dir: Path, is_main: bool, ckpt_bytes: int) ->
     error = None
     if is_main:
         try:
+            check_free_space(run_dir, ckpt_bytes, cfg.checkpoint.keep, len(ckpt.list_checkpoints(run_dir)))
             run_dir.mkdir(parents=True, exist_ok=True)
             for line in ckpt.clean_stale(run_dir):
                 print(f"[checkpoint] {line}")
-            check_free_space(run_dir, ckpt_bytes, cfg.checkpoint.keep, len(ckpt.list_checkpoints(run_dir)))
             note = write_run_config(cfg, run_dir)
             if note:
                 print(note)
