@@ -214,6 +214,10 @@ def save_checkpoint(run_dir: Path, step: int, meta: dict, write_fn: Callable[[Pa
     if any_rank(error is not None):
         raise _save_error(error, run_dir, step) if error else CheckpointSaveError(
             f"rank 0 failed to commit step-{step} in {run_dir}; see its error")
+    # End on a barrier, as before: with gloo, an all_gather_object work still being freed on the
+    # process group's thread when the run exits right after its last save can deadlock the
+    # ProcessGroupGloo destructor on the GIL (seen after a torchrun restart, torch 2.13).
+    barrier()
     return final
 
 
