@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from amllm import checkpoint as ckpt
+from amllm import faults
 from amllm.config import ConfigError, load_config, save_config
 from amllm.data import BatchSampler, DataError, load_shards, load_tokenizer, prepare, shard_dir, val_batches
 from amllm.evaluate import evaluate
@@ -62,12 +63,7 @@ def main(argv=None) -> int:
                 else contextlib.nullcontext())
 
     run_dir = Path(cfg.run_dir)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(run_dir, os.W_OK):
-            raise ConfigError(f"run_dir={str(run_dir)!r} is not writable; choose another run_dir")
-        if not args.eval_only:  # evaluation overrides (eval.tokens=...) must not rewrite the run's config
-            save_config(cfg, run_dir / "config.yaml")
+    faults.check_output_dir(run_dir)  # nothing is written into run_dir until every input is validated
 
     # ---- data: rank 0 tokenizes (once, cached), everyone memory-maps -----------------------------
     if is_main:
@@ -101,13 +97,19 @@ def main(argv=None) -> int:
     # ---- resume ------------------------------------------------------------------------------------
     meta_now = {"model_fingerprint": config_fingerprint(hf_config), "model": cfg.model.name,
                 "tokenizer_fingerprint": tokenizer.fingerprint, "optimizer": cfg.optim.name,
-                "world_size": info.world_size, "backend": cfg.parallel.backend}
-    start_step, tokens_seen, wandb_id = 0, 0, None
+                "world_size": info.world_size, "backend": cfg.parallel.backend,
+                "data_fingerprint": ckpt.manifest_fingerprint(manifest)}
+    start_step, tokens_seen, wandb_id, skipped = 0, 0, None, 0
     resume_from = find_resume(cfg, run_dir, meta_now)
     if resume_from is not None:
-        trainer_state = load_checkpoint(resume_from, raw_model, optimizer, device)
+        trainer_state = load_checkpoint(resume_from, raw_model, optimizer, device, cfg.optim.name,
+                                        cfg.checkpoint.allow_changes)
         start_step, tokens_seen = trainer_state["step"], trainer_state["tokens"]
-        sampler.load_state_dict(trainer_state["sampler"])
+        skipped = trainer_state.get("skipped_steps", 0)
+        if "data" in cfg.checkpoint.allow_changes:
+            sampler.step = int(trainer_state["sampler"]["step"])  # another data manifest: position only
+        else:
+            sampler.load_state_dict(trainer_state["sampler"])
         torch.set_rng_state(trainer_state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in trainer_state:
             torch.cuda.set_rng_state(trainer_state["rng_cuda"], device)
@@ -126,6 +128,7 @@ def main(argv=None) -> int:
         D.cleanup()
         return 0
 
+    faults.claim_run_dir(cfg, run_dir, is_main, faults.checkpoint_bytes(raw_model, cfg.optim.name))
     logger = MetricsLogger(run_dir, is_main, cfg.to_dict(), resume_step=start_step if resume_from else None,
                            wandb_mode=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
                            run_name=cfg.log.run_name or run_dir.name, wandb_id=wandb_id)
@@ -139,14 +142,18 @@ def main(argv=None) -> int:
 
     def save(step: int) -> None:
         state = {"step": step, "tokens": tokens_seen, "sampler": sampler.state_dict(),
-                 "rng_cpu": torch.get_rng_state(), "wandb_id": logger.wandb_id or ""}
+                 "rng_cpu": torch.get_rng_state(), "wandb_id": logger.wandb_id or "", "skipped_steps": guard.skipped}
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
 
         def write(tmp: Path) -> None:
             if is_main:
-                ckpt.save_torch(raw_model.state_dict(), tmp / "model.pt")
-                ckpt.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+                model_state, optim_state = raw_model.state_dict(), optimizer.state_dict()
+                faults.check_finite_state(model_state, "parameter", step)  # never a NaN in a checkpoint
+                faults.check_finite_state(optim_state, "optimizer state", step)
+                ckpt.save_torch(model_state, tmp / "model.pt")
+                ckpt.test_pause("after-model.pt", run_dir, step)
+                ckpt.save_torch(optim_state, tmp / "optimizer.pt")
                 ckpt.save_torch(state, tmp / "trainer.pt")
                 save_config(cfg, tmp / "config.yaml")
 
@@ -155,6 +162,7 @@ def main(argv=None) -> int:
     # ---- the training loop -------------------------------------------------------------------------
     stop = StopRequest()  # SIGTERM / SIGINT: finish the step, checkpoint, exit with PREEMPTED_EXIT
     progress = Progress(is_main and cfg.log.progress, start_step, total_steps)
+    guard = faults.NonFiniteGuard(cfg.train.nonfinite, device, skipped)  # NaN/inf loss or grad: stop | skip
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     model.train()
     t_last, last_logged = time.perf_counter(), start_step
@@ -166,18 +174,20 @@ def main(argv=None) -> int:
         # forward/backward over this rank's micro-batches; DDP syncs gradients on the last one only
         loss_sum = torch.zeros((), device=device)
         micro_batches = sampler.next_batch()
+        faults.crash_hook(step + 1, info.rank, run_dir)  # test hook (a lost rank); no-op unless set
         for i, (x, y) in enumerate(micro_batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             sync = i == accum - 1 or not info.distributed
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                loss = lm_loss(model(input_ids=x).logits, y)
+                loss = faults.poison_loss(lm_loss(model(input_ids=x).logits, y), step + 1, info.rank)  # test hook
             (loss / accum).backward()
             loss_sum += loss.detach()
 
         # global-norm clipping (norm computed either way, for logging), then the update
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        optimizer.step()
+        if not guard.skip(step + 1, loss_sum, grad_norm):  # same verdict on every rank
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += tokens_per_step
         done = step + 1
@@ -190,7 +200,8 @@ def main(argv=None) -> int:
             t_last, last_logged = now, done
             rec = {"kind": "train", "step": done, "tokens": tokens_seen, "loss": loss_val, "lr": lr,
                    "grad_norm": grad_norm.item(), **beta_stats(last_beta(optimizer)),
-                   "tokens_per_s": tps, "tflops": tps * flops_tok / 1e12, "time": time.time()}
+                   "tokens_per_s": tps, "tflops": tps * flops_tok / 1e12, "skipped_steps": guard.skipped,
+                   "time": time.time()}
             fallbacks = getattr(optimizer, "fallback_count", None)
             if fallbacks is not None:
                 rec["beta_fallbacks"] = int(fallbacks.item())
@@ -225,6 +236,8 @@ def main(argv=None) -> int:
 # ---- helpers kept out of the loop's way ------------------------------------------------------------
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "stopped early, checkpoint written, run again to resume"
+NONFINITE_EXIT = 3  # train.nonfinite=stop: a NaN/inf loss or gradient; nothing new saved
+SAVE_FAILED_EXIT = 74  # EX_IOERR: a checkpoint could not be written (disk full...); the previous one is intact
 
 
 class StopRequest:
@@ -251,11 +264,13 @@ class StopRequest:
 
 def find_resume(cfg, run_dir: Path, meta_now: dict) -> Path | None:
     """The checkpoint to resume from (checkpoint.resume = auto | never | path), checked for
-    compatibility: another model or tokenizer is refused with what differs."""
+    compatibility: another model, tokenizer, optimizer or data is refused with what differs
+    (checkpoint.allow_changes accepts the last two). Auto skips a corrupt latest with a warning."""
     if cfg.checkpoint.resume == "never":
         return None
-    if cfg.checkpoint.resume == "auto":
-        found = ckpt.latest_checkpoint(run_dir)
+    if cfg.checkpoint.resume == "auto":  # rank 0 looks, every rank uses its answer
+        found = D.broadcast_object(ckpt.latest_checkpoint(run_dir, validate=ckpt.verify_files)
+                                   if faults.is_main_rank() else None)
     else:
         found = Path(cfg.checkpoint.resume)
         if not found.is_dir():
@@ -264,18 +279,21 @@ def find_resume(cfg, run_dir: Path, meta_now: dict) -> Path | None:
     if found is None:
         return None
     meta = ckpt.read_meta(found)
-    for key, what in (("model_fingerprint", "model architecture"), ("tokenizer_fingerprint", "tokenizer")):
-        if meta.get(key) != meta_now.get(key):
-            raise ckpt.CheckpointError(
-                f"{found} was saved with another {what} ({meta.get(key)} vs {meta_now.get(key)} now: "
-                f"model {meta.get('model')!r} vs {meta_now['model']!r}); use a new run_dir or checkpoint.resume=never")
+    for note in ckpt.check_compatible(found, meta, meta_now, cfg.checkpoint.allow_changes):
+        faults.say(f"[checkpoint] {note}")
+    if meta.get("world_size", meta_now["world_size"]) != meta_now["world_size"]:
+        faults.say(f"[checkpoint] {found} was saved on {meta['world_size']} rank(s), resuming on "
+                   f"{meta_now['world_size']}: the same global batches, summed in another order")
     return found
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    device: torch.device) -> dict:
+                    device: torch.device, optim_name: str, allow=()) -> dict:
     model.load_state_dict(ckpt.load_torch(path / "model.pt", map_location=device))
-    optimizer.load_state_dict(ckpt.load_torch(path / "optimizer.pt", map_location=device))
+    if ckpt.read_meta(path).get("optimizer", optim_name) == optim_name:  # else allowed: a fresh optimizer state
+        state = ckpt.load_torch(path / "optimizer.pt", map_location=device)
+        for note in ckpt.load_optimizer_state(optimizer, state, allow, path / "optimizer.pt"):
+            faults.say(f"[checkpoint] {note}")
     return ckpt.load_torch(path / "trainer.pt")
 
 
@@ -314,9 +332,11 @@ def run_cli(argv=None) -> int:
     """main() with user errors printed as one line (exit status 2) instead of a traceback."""
     try:
         return main(argv)
-    except (ConfigError, DataError, ckpt.CheckpointError) as e:
+    except (ConfigError, DataError, ckpt.CheckpointError, faults.NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        D.cleanup()
+        return (SAVE_FAILED_EXIT if isinstance(e, ckpt.CheckpointSaveError) else
+                NONFINITE_EXIT if isinstance(e, faults.NonFiniteError) else 2)
 
 
 if __name__ == "__main__":

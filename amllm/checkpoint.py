@@ -20,12 +20,14 @@ temporary directory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +42,29 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which and what to do."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save failed (disk full, directory gone); the previous checkpoint is untouched."""
+
+
+SAVE_PHASES = ("begin", "written", "before-meta", "before-rename", "renamed")
+"""Points of a save, in order, where the AMLLM_TEST_SAVE_PAUSE hook can hold the process (kill -9 tests):
+begin (empty .tmp dir), written (write_fn done, nothing fsynced), before-meta (files fsynced, no
+meta.json), before-rename (meta.json written), renamed (step-N/ in place, not yet pruned). Writers add
+their own points through :func:`test_pause` (train.py pauses after model.pt: ``after-model.pt``)."""
+
+
+def test_pause(phase: str, run_dir: Path, step: int) -> None:
+    """Test hook: with AMLLM_TEST_SAVE_PAUSE=<phase>@<step> (or <phase>), touch
+    ``<run_dir>/.paused-<phase>-<step>`` and sleep, so a test can SIGKILL the process right there."""
+    want = os.environ.get("AMLLM_TEST_SAVE_PAUSE")
+    if not want:
+        return
+    name, _, at = want.partition("@")
+    if name == phase and (not at or int(at) == step):
+        (Path(run_dir) / f".paused-{phase}-{step}").touch()
+        time.sleep(float(os.environ.get("AMLLM_TEST_SAVE_PAUSE_S", "600")))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -108,48 +133,131 @@ def latest_checkpoint(run_dir: Path, validate: Callable[[Path], None] | None = N
     return None
 
 
+def verify_files(ckpt: Path) -> None:
+    """Cheap integrity check used by auto-resume (``latest_checkpoint(validate=verify_files)``):
+    every file meta.json lists has its recorded size, and every ``*.pt`` opens as a zip archive
+    (torch.save's format; a truncated one has no central directory). Raises CheckpointError naming
+    the file. It reads directory entries, not the tensors, so it is fast for any model size."""
+    ckpt = Path(ckpt)
+    for rel, size in read_meta(ckpt).get("files", {}).items():
+        f = ckpt / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, meta.json says {size} (truncated or corrupt)")
+    for f in sorted(ckpt.rglob("*.pt")):
+        try:
+            with zipfile.ZipFile(f) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"{f}: not a readable torch file ({e})") from None
+
+
+def clean_stale(run_dir: Path) -> list[str]:
+    """Start-of-run cleanup (rank 0): remove `.tmp-step-*` left by a killed save, and put back a
+    `.old-step-N` whose replacement `step-N` never arrived (killed between the two renames of a
+    re-save). Returns what it did, one line each."""
+    run_dir = Path(run_dir)
+    done = []
+    if not run_dir.is_dir():
+        return done
+    for old in sorted(run_dir.glob(".old-step-*")):
+        final = run_dir / old.name[len(".old-"):]
+        if not final.exists() and (old / META).is_file():
+            os.rename(old, final)
+            done.append(f"restored {final.name} from an interrupted re-save")
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            done.append(f"removed {old.name}")
+    for tmp in sorted(run_dir.glob(".tmp-step-*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        done.append(f"removed {tmp.name} (a save that did not finish)")
+    return done
+
+
 def save_checkpoint(run_dir: Path, step: int, meta: dict, write_fn: Callable[[Path], None],
                     is_main: bool, keep: int | None = None) -> Path:
-    """Collective: every rank calls it. `write_fn(tmp_dir)` writes this rank's files."""
+    """Collective: every rank calls it. `write_fn(tmp_dir)` writes this rank's files.
+
+    On an OSError on any rank (disk full, directory removed) the temporary directory is removed and
+    every rank raises CheckpointSaveError naming the previous checkpoint, which stays untouched."""
     run_dir = Path(run_dir)
     final = step_dir(run_dir, step)
     tmp = run_dir / f".tmp-step-{step}"
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
     error = None
     try:
-        write_fn(tmp)
-    except Exception as e:  # keep every rank in the collective sequence; re-raise below
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except Exception as e:
         error = e
+    barrier()
+    if error is None:
+        try:
+            test_pause("begin", run_dir, step)
+            write_fn(tmp)
+        except Exception as e:  # keep every rank in the collective sequence; re-raise below
+            error = e
     failed = any_rank(error is not None)
+    if failed and is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
     if error is not None:
-        raise error
+        raise _save_error(error, run_dir, step)
     if failed:
-        raise CheckpointError(f"another rank failed while writing {tmp}; see its error above")
+        raise CheckpointSaveError(f"another rank failed while writing {tmp}; see its error above")
     if is_main:
-        hook = os.environ.get("AMLLM_TEST_SAVE_SLEEP")  # test hook: widen the window for kill -9 tests
-        if hook:
-            time.sleep(float(hook))
-        meta = {**meta, "step": step, "format_version": FORMAT_VERSION, "time": time.time()}
-        _fsync_tree(tmp)
-        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        with open(tmp / META, "rb") as f:
-            os.fsync(f.fileno())
-        if final.exists():  # re-saving a step (e.g. the end of a run that just saved): replace it
-            old = run_dir / f".old-step-{step}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(run_dir)
-        if keep:
-            prune(run_dir, keep)
+        try:
+            _commit(run_dir, step, tmp, final, meta, keep)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = e
+    if any_rank(error is not None):
+        raise _save_error(error, run_dir, step) if error else CheckpointSaveError(
+            f"rank 0 failed to commit step-{step} in {run_dir}; see its error")
+    # End on a barrier, as before: with gloo, an all_gather_object work still being freed on the
+    # process group's thread when the run exits right after its last save can deadlock the
+    # ProcessGroupGloo destructor on the GIL (seen after a torchrun restart, torch 2.13).
     barrier()
     return final
+
+
+def _save_error(error: BaseException, run_dir: Path, step: int) -> BaseException:
+    """OSError -> CheckpointSaveError naming the checkpoint that survives; anything else unchanged."""
+    if not isinstance(error, OSError):
+        return error
+    prev = [p.name for p in list_checkpoints(run_dir) if p.name != f"step-{step}"]
+    kept = f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint exists"
+    why = f"{error.strerror or error} ({error.filename})" if error.filename else str(error)
+    return CheckpointSaveError(f"saving step-{step} in {run_dir} failed: {why}; {kept}; free space or "
+                               f"fix the directory, then run the same command to resume")
+
+
+def _commit(run_dir: Path, step: int, tmp: Path, final: Path, meta: dict, keep: int | None) -> None:
+    """Rank 0: fsync the files, write meta.json last, rename .tmp-step-N -> step-N, prune."""
+    test_pause("written", run_dir, step)
+    hook = os.environ.get("AMLLM_TEST_SAVE_SLEEP")  # test hook: widen the window for kill -9 tests
+    if hook:
+        time.sleep(float(hook))
+    _fsync_tree(tmp)
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    meta = {**meta, "step": step, "format_version": FORMAT_VERSION, "time": time.time(), "files": files}
+    test_pause("before-meta", run_dir, step)
+    (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    with open(tmp / META, "rb") as f:
+        os.fsync(f.fileno())
+    test_pause("before-rename", run_dir, step)
+    if final.exists():  # re-saving a step (e.g. the end of a run that just saved): replace it
+        old = run_dir / f".old-step-{step}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(run_dir)
+    test_pause("renamed", run_dir, step)
+    if keep:
+        prune(run_dir, keep)
 
 
 def prune(run_dir: Path, keep: int) -> None:
@@ -177,3 +285,77 @@ def load_torch(path: Path, map_location="cpu"):
     except Exception as e:
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                               f"the file is corrupt, use an earlier step-N/") from None
+
+
+# ---- resume compatibility -------------------------------------------------------------------------
+
+ALLOWED_CHANGES = ("optimizer", "optimizer_hparams", "data")
+"""What `checkpoint.allow_changes` may list. The model architecture and the tokenizer never change
+under a checkpoint (the weights would not fit or would mean other tokens): use a new run_dir."""
+
+_GROUP_KEYS_FREE = {"params", "lr", "initial_lr", "prev_lr", "foreach", "fused", "capturable", "differentiable"}
+"""Param-group entries that are state or kernel choices, not hyper-parameters: never compared. `lr` is
+set from the config's schedule every step, so a new optim.lr always applies on resume."""
+
+
+def manifest_fingerprint(manifest: dict) -> str:
+    """A short hash of what a data manifest describes (source, tokenizer, caps, token counts), not of
+    when it was made: re-preparing the same data gives the same fingerprint."""
+    keep = {k: manifest.get(k) for k in ("format_version", "source", "source_details", "tokenizer", "dtype", "caps")}
+    keep["n_tokens"] = {s: v.get("n_tokens") for s, v in sorted(manifest.get("splits", {}).items())}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_compatible(found: Path, meta: dict, meta_now: dict, allow: tuple | list = ()) -> list[str]:
+    """Refuse a checkpoint saved for another model, tokenizer, optimizer or data, with what differs.
+    Differences the user allowed (`checkpoint.allow_changes`) are returned as notes instead."""
+    fix = "use a new run_dir or checkpoint.resume=never"
+    for key, what in (("model_fingerprint", "model architecture"), ("tokenizer_fingerprint", "tokenizer")):
+        if meta.get(key) != meta_now.get(key):
+            raise CheckpointError(
+                f"{found} was saved with another {what} ({meta.get(key)} vs {meta_now.get(key)} now: "
+                f"model {meta.get('model')!r} vs {meta_now.get('model')!r}); {fix}")
+    notes = []
+    checks = (("optimizer", "optimizer", "optimizer", "optimizer state starts fresh"),
+              ("data_fingerprint", "data manifest", "data", "sampler continues at the step count only"))
+    for key, what, flag, consequence in checks:
+        if key not in meta or meta.get(key) == meta_now.get(key):  # checkpoints older than the key pass
+            continue
+        diff = f"{found} was saved with {what} {meta.get(key)!r}, this run has {meta_now.get(key)!r}"
+        if flag not in allow:
+            raise CheckpointError(f"{diff}; to continue anyway set checkpoint.allow_changes=[{flag}] "
+                                  f"({consequence}), or {fix}")
+        notes.append(f"{diff} (allowed: {consequence})")
+    return notes
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, allow: tuple | list = (),
+                         where: Path | str = "checkpoint") -> list[str]:
+    """optimizer.load_state_dict(state), but a hyper-parameter that differs from this run's config
+    (betas, eps, weight_decay, lam, ...) is refused instead of silently taken from the checkpoint
+    (torch's load_state_dict would restore the old values); with allow_changes=[optimizer_hparams]
+    the config's values are applied after loading. Returns notes about applied changes."""
+    fresh = [{k: v for k, v in g.items() if k not in _GROUP_KEYS_FREE} for g in optimizer.param_groups]
+    saved = state.get("param_groups", [])
+    diffs = []
+    for i, (now, old) in enumerate(zip(fresh, saved)):
+        for k, v in now.items():
+            if k in old and _plain(old[k]) != _plain(v):
+                diffs.append((i, k, _plain(old[k]), _plain(v)))
+    if diffs and "optimizer_hparams" not in allow:
+        what = ", ".join(f"{k} {a} -> {b}" for _, k, a, b in diffs[:4])
+        raise CheckpointError(f"{where}: optimizer hyper-parameters differ from the checkpoint ({what}); set "
+                              f"checkpoint.allow_changes=[optimizer_hparams] to apply the new values, or "
+                              f"restore them in the config")
+    optimizer.load_state_dict(state)
+    for i, k, _, _ in diffs:
+        optimizer.param_groups[i][k] = optimizer.defaults[k] if k in optimizer.defaults else fresh[i][k]
+    return [f"optimizer {k}: {a} -> {b} (allowed)" for _, k, a, b in diffs]

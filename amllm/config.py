@@ -175,6 +175,12 @@ class TrainConfig:
     """Allow TF32 matmuls on CUDA (no effect on CPU)."""
     threads: int | None = None
     """torch intra-op threads on CPU (None: torch's default)."""
+    nonfinite: str = "stop"
+    """A non-finite loss (any rank) or gradient norm: stop (default: exit 3 naming the step, nothing new
+    saved; the last checkpoint is intact) | skip (no optimizer update for that batch, count it in
+    `skipped_steps`, continue). Stop is the default because a NaN in fp32/bf16 training usually means
+    divergence, and skipping forever would burn the allocation silently; resume a stopped run with
+    train.nonfinite=skip to step over one bad batch."""
 
     def __post_init__(self) -> None:
         _positive("train.max_steps", self.max_steps)
@@ -184,6 +190,7 @@ class TrainConfig:
         _one_of("train.precision", self.precision, ("fp32", "bf16", "bf16_pure"))
         _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
         _check(self.threads is None or self.threads > 0, f"train.threads={self.threads!r} must be > 0 or null")
+        _one_of("train.nonfinite", self.nonfinite, ("stop", "skip"))
 
 
 @dataclass
@@ -209,11 +216,21 @@ class CheckpointConfig:
     """Complete checkpoints kept (older ones pruned)."""
     resume: str = "auto"
     """auto (latest complete step-N/ in the run directory, if any) | never | a path to a step-N/ directory."""
+    allow_changes: list[str] = field(default_factory=list)
+    """Intended differences from the checkpoint to accept on resume (refused otherwise, with what differs):
+    optimizer (another optim.name: the optimizer state starts fresh), optimizer_hparams (new betas / eps /
+    weight_decay / lam ...: applied after loading), data (another data manifest: the sampler keeps only
+    its step). optim.lr, the schedule, grad_clip and max_steps are read from the config every step and
+    always apply. The model architecture and the tokenizer can never change under a checkpoint."""
 
     def __post_init__(self) -> None:
         _positive("checkpoint.every", self.every, allow_zero=True)
         _positive("checkpoint.keep", self.keep)
         _check(bool(self.resume), "checkpoint.resume is empty; use auto, never or a step-N/ path")
+        choices = ("optimizer", "optimizer_hparams", "data")
+        for item in self.allow_changes:
+            _check(item in choices, f"checkpoint.allow_changes: {item!r} is not valid; list some of "
+                                    f"{', '.join(choices)} (e.g. checkpoint.allow_changes=[optimizer_hparams])")
 
 
 @dataclass
@@ -316,6 +333,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 raise ConfigError(f"{key}={value!r} must be a number") from None
         _check(not isinstance(value, bool) and isinstance(value, (int, float)), f"{key}={value!r} must be a number")
         return float(value)
+    if typing.get_origin(base) is list:  # list[str]: a YAML list, or one item / comma-separated names
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        _check(isinstance(value, list) and all(isinstance(v, str) for v in value), f"{key}={value!r} must be a list of names")
+        return list(value)
     if base is str:
         _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), f"{key}={value!r} must be a string")
         return str(value)

@@ -48,9 +48,26 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 1800) -> DistIn
     device = pick_device(device_pref, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _restart_store(rank, world, timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+                                **({"store": store, "rank": rank, "world_size": world} if store else {}))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def _restart_store(rank: int, world: int, timeout: datetime.timedelta):
+    """After a `torchrun --max-restarts` restart: the launcher's store under a per-attempt prefix.
+
+    torchrun keeps ONE TCPStore for all attempts, so a restarted process group would read the dead
+    attempt's gloo/NCCL addresses and fail to connect (pytorch/pytorch#135712; seen with torch 2.13
+    static and c10d rendezvous). TORCHELASTIC_RESTART_COUNT is the same for all workers of one agent;
+    across nodes agents can count restarts differently, so multi-node jobs should restart at the job
+    level (the run auto-resumes) rather than rely on --max-restarts. None on a first attempt."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0":
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    return dist.PrefixStore(f"amllm/attempt_{attempt}", store)
 
 
 def is_dist() -> bool:

@@ -1,0 +1,218 @@
+"""What train.py does when something goes wrong: non-finite steps, output-directory checks, test hooks.
+
+Kept out of train.py so the loop stays readable; each helper is one line there. docs/faults.md lists
+every failure, what it costs and which test shows it.
+
+Test hooks (environment variables; none is read unless set, none changes a normal run):
+
+    AMLLM_TEST_NAN_AT_STEP=N      the loss of optimizer step N (1-based, as logged) is multiplied by NaN
+    AMLLM_TEST_NAN_RANK=R         ... on rank R only (default: every rank)
+    AMLLM_TEST_CRASH_AT_STEP=N    os._exit(1) at the start of step N, once per run directory
+    AMLLM_TEST_CRASH_RANK=R       ... on rank R only (default 0); the marker <run_dir>/.crashed-step-N
+                                  keeps the restarted attempt from crashing again
+    AMLLM_TEST_SAVE_PAUSE=phase@N hold a save at a phase (amllm.checkpoint.SAVE_PHASES) for kill -9 tests
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError, load_config, save_config
+from .parallel import distributed as D
+
+
+def is_main_rank() -> bool:
+    return not D.is_dist() or torch.distributed.get_rank() == 0
+
+
+def say(line: str) -> None:
+    """print on rank 0 only."""
+    if is_main_rank():
+        print(line, flush=True)
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm with train.nonfinite=stop (one line, names the step)."""
+
+
+# ---- non-finite loss / gradient ------------------------------------------------------------------
+
+class NonFiniteGuard:
+    """Decides, identically on every rank, whether a step's loss and gradient norm are finite.
+
+    The gradient norm is computed after DDP's all-reduce, so it is the same everywhere; the loss is
+    per rank. Both flags are packed into one 2-element tensor and MAX-reduced once, then read with
+    one host sync (the step cannot be decided without it). `skipped` counts skipped steps; it is saved
+    in the trainer state and logged as `skipped_steps`.
+    """
+
+    def __init__(self, mode: str, device: torch.device, skipped: int = 0):
+        self.mode, self.device, self.skipped = mode, device, int(skipped)
+
+    def skip(self, step: int, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """True: do not step the optimizer for `step` (skip mode). Raises NonFiniteError in stop mode."""
+        flags = torch.stack([(~torch.isfinite(loss_sum.detach().float())).float(),
+                             (~torch.isfinite(grad_norm.detach().float())).float()]).to(self.device)
+        if D.is_dist():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        bad_loss, bad_grad = (bool(v) for v in flags.tolist())
+        if not (bad_loss or bad_grad):
+            return False
+        what = " and ".join(w for w, b in (("loss", bad_loss), ("gradient norm", bad_grad)) if b)
+        if self.mode == "stop":
+            raise NonFiniteError(f"step {step}: non-finite {what}; stopped without saving (train.nonfinite=stop), "
+                                 f"the last checkpoint is intact; lower optim.lr, or resume with "
+                                 f"train.nonfinite=skip to skip such batches")
+        self.skipped += 1
+        say(f"warning: step {step}: non-finite {what}; update skipped ({self.skipped} so far)")
+        return True
+
+
+def check_finite_state(state: dict, what: str, step: int) -> None:
+    """Refuse to save a state dict holding NaN/inf (a checkpoint must never carry them)."""
+    def walk(obj, name):
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+                raise NonFiniteError(f"refusing to save step-{step}: {what} {name} holds non-finite values; "
+                                     f"the last checkpoint is intact (see train.nonfinite)")
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{name}[{i}]")
+    walk(state, "")
+
+
+def poison_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """Test hook AMLLM_TEST_NAN_AT_STEP / AMLLM_TEST_NAN_RANK: a NaN loss (and so NaN gradients)."""
+    at = os.environ.get("AMLLM_TEST_NAN_AT_STEP")
+    if at and int(at) == step and int(os.environ.get("AMLLM_TEST_NAN_RANK", rank)) == rank:
+        return loss * float("nan")
+    return loss
+
+
+def crash_hook(step: int, rank: int, run_dir: Path) -> None:
+    """Test hook AMLLM_TEST_CRASH_AT_STEP / AMLLM_TEST_CRASH_RANK: die like a lost node, once."""
+    at = os.environ.get("AMLLM_TEST_CRASH_AT_STEP")
+    if not at or int(at) != step or int(os.environ.get("AMLLM_TEST_CRASH_RANK", "0")) != rank:
+        return
+    marker = Path(run_dir) / f".crashed-step-{step}"
+    if marker.exists():
+        return
+    marker.touch()
+    print(f"[test] rank {rank} crashing at step {step} (AMLLM_TEST_CRASH_AT_STEP)", flush=True)
+    os._exit(1)
+
+
+# ---- the output directory ------------------------------------------------------------------------
+
+def check_output_dir(run_dir: Path) -> None:
+    """Before any work: the run directory (or the nearest existing parent that would hold it) must be
+    a writable directory. Writes nothing."""
+    p = Path(run_dir).absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(f"run_dir={str(run_dir)!r}: {p} is not a directory; choose another run_dir")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir={str(run_dir)!r} is not writable ({p}); choose another run_dir or fix permissions")
+
+
+def checkpoint_bytes(model: torch.nn.Module, optimizer_name: str) -> int:
+    """Estimated size of one checkpoint: weights + optimizer moments (fp32: 2 for Adam-type, 1 for SGD)."""
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    n = sum(p.numel() for p in model.parameters())
+    moments = 2 if "adam" in optimizer_name else 1
+    return weights + moments * 4 * n
+
+
+def check_free_space(run_dir: Path, ckpt_bytes: int, keep: int, existing: int) -> None:
+    """Enough free space for the checkpoints still to come: at the peak of a save `keep` old ones and
+    the new one coexist, the ones already there take no new space. Skipped if the filesystem cannot say."""
+    where = Path(run_dir).absolute()
+    while not where.exists():  # the run directory may not exist yet: ask its filesystem
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    n = max(1, keep + 1 - existing)
+    if free < ckpt_bytes * n:
+        raise ConfigError(f"run_dir={str(run_dir)!r} has {_size(free)} free, the checkpoints of this run need about "
+                          f"{_size(ckpt_bytes * n)} ({n} x {_size(ckpt_bytes)}: checkpoint.keep={keep} plus the one "
+                          f"being written); free space or choose another run_dir")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def write_run_config(cfg: Config, run_dir: Path) -> str | None:
+    """Write config.yaml; an existing one that differs (a resume with new hyper-parameters) is kept as
+    config.<YYYYmmdd-HHMMSS>.yaml first. Returns a note saying what changed, or None."""
+    path = Path(run_dir) / "config.yaml"
+    note = None
+    if path.is_file():
+        try:
+            old = load_config(path).to_dict()
+        except ConfigError:
+            old = None
+        new = cfg.to_dict()
+        if old != new:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            keep, i = path.with_name(f"config.{stamp}.yaml"), 1
+            while keep.exists():
+                keep, i = path.with_name(f"config.{stamp}-{i}.yaml"), i + 1
+            os.replace(path, keep)
+            changed = sorted(_diff_keys(old or {}, new))
+            note = (f"config changed since the last start ({', '.join(changed[:8]) or 'unreadable'}); "
+                    f"the previous one is kept as {keep.name}")
+    tmp = path.with_name(".config.yaml.tmp")
+    save_config(cfg, tmp)
+    os.replace(tmp, path)
+    return note
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in set(a) | set(b):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def claim_run_dir(cfg: Config, run_dir: Path, is_main: bool, ckpt_bytes: int) -> None:
+    """Rank 0, once every input has been validated: create the run directory, check free space, clean
+    what a killed save left, write config.yaml. The verdict is shared so every rank stops together."""
+    from . import checkpoint as ckpt
+
+    error = None
+    if is_main:
+        try:
+            check_free_space(run_dir, ckpt_bytes, cfg.checkpoint.keep, len(ckpt.list_checkpoints(run_dir)))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for line in ckpt.clean_stale(run_dir):
+                print(f"[checkpoint] {line}")
+            note = write_run_config(cfg, run_dir)
+            if note:
+                print(note)
+        except ConfigError as e:
+            error = str(e)
+        except OSError as e:
+            error = f"run_dir={str(run_dir)!r}: {e.strerror or e} ({e.filename}); choose another run_dir or fix it"
+    error = D.broadcast_object(error)
+    if error:
+        raise ConfigError(error)
