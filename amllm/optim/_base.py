@@ -1,0 +1,243 @@
+"""Bookkeeping shared by AMAdamW and AMSGD: validation, layers, β state, checkpoints.
+
+The update math lives in ``functional.py``; this module only turns torch's
+``Optimizer`` structures (param groups, per-param state) into the functional inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .beta import POLICIES, BetaConfig, BetaState
+from .functional import lr_ratio
+from .reduce import local, resolve_reducer
+
+# β hyper-parameters are properties of the shared β, hence optimizer-wide.
+_BETA_KEYS = ("beta_policy", "beta_min", "restart_threshold", "restart_low", "per_layer")
+_AM_STATE_KEYS = ("pi", "last_beta", "beta_step", "fallback_count")
+
+
+def _check(ok: bool, name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value} (must be {rule})")
+
+
+def validate_common(lr, beta_max, lam, weight_decay) -> None:
+    _check(lr >= 0.0, "learning rate", lr, ">= 0")
+    _check(0.0 <= beta_max < 1.0, "beta_max", beta_max, "in [0, 1)")
+    _check(lam >= 0.0, "lam", lam, ">= 0")
+    _check(weight_decay >= 0.0, "weight_decay", weight_decay, ">= 0")
+
+
+def validate_beta_options(beta_policy, beta_min, restart_threshold, restart_low) -> None:
+    if beta_policy not in POLICIES:
+        raise ValueError(f"Invalid beta_policy: {beta_policy!r} (must be one of {POLICIES})")
+    _check(0.0 <= beta_min <= 1.0, "beta_min", beta_min, "in [0, 1]")
+    _check(0.0 <= restart_threshold <= 1.0, "restart_threshold", restart_threshold, "in [0, 1]")
+    _check(0.0 <= restart_low <= 1.0, "restart_low", restart_low, "in [0, 1]")
+
+
+class AMOptimizerBase(Optimizer):
+    """Shared machinery. Subclasses define ``_name``, ``_beta_max(group)``,
+    ``_validate_group(group)`` and ``step``.
+
+    Layers (which elements share a β): global variant, one layer. ``per_layer=True``:
+    one layer per parameter tensor, except that a param group with
+    ``layer_per_group=True`` is one layer as a whole (e.g. one group per transformer
+    block). :meth:`set_layer_map` overrides both (flat-shard hook).
+    """
+
+    _name = "AMOptimizer"
+
+    def __init__(self, params, defaults: dict, reducer=None, foreach: Optional[bool] = None):
+        validate_beta_options(*(defaults[k] for k in _BETA_KEYS[:4]))
+        if foreach not in (None, True, False):
+            raise ValueError(f"Invalid foreach: {foreach!r} (must be None, True or False)")
+        self._impl = "forloop" if foreach is False else "foreach"
+        self.reducer = reducer
+        self._reduce_resolved = False
+        self._reduce_fn = None
+        self._plain_weight = 1.0
+        self._beta_state: Optional[BetaState] = None
+        self._layer_cache = None
+        self._explicit_layers: Optional[tuple[dict, int]] = None
+        #: Test-only hook: when not None, every β is forced to this value (after the
+        #: policy; π and the state follow it). Not a user option.
+        self._force_beta: Optional[float] = None
+        #: The packed sums of the last step after reduction, ``[L, K+1]`` (for logging).
+        self.last_sums: Optional[Tensor] = None
+        super().__init__(params, defaults)
+
+    # -- param groups ---------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            if torch.is_complex(p):
+                raise ValueError(f"{self._name} does not support complex parameters (got {p.dtype})")
+        for k, v in self.defaults.items():
+            group.setdefault(k, v)
+        group.setdefault("layer_per_group", False)
+        group.setdefault("prev_lr", None)
+        for k in _BETA_KEYS:
+            if group[k] != self.defaults[k]:
+                raise ValueError(
+                    f"{k} is optimizer-wide (all groups share the β): a param group has "
+                    f"{group[k]!r}, the optimizer {self.defaults[k]!r}"
+                )
+        if self._beta_max(group) != self._beta_max(self.defaults):
+            raise ValueError(
+                f"beta_max is optimizer-wide (all groups share the β): a param group has "
+                f"{self._beta_max(group)}, the optimizer {self._beta_max(self.defaults)}"
+            )
+        if not isinstance(group["layer_per_group"], bool):
+            raise ValueError(f"Invalid layer_per_group: {group['layer_per_group']!r} (must be a bool)")
+        self._validate_group(group)
+        super().add_param_group(group)
+        self._layer_cache = None
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # dicts saved before these keys existed
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+            group.setdefault("layer_per_group", False)
+            group.setdefault("prev_lr", None)
+
+    def _beta_max(self, group: dict) -> float:
+        raise NotImplementedError
+
+    def _validate_group(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def _beta_config(self) -> BetaConfig:
+        d = self.defaults
+        return BetaConfig(self._beta_max(d), d["beta_policy"], d["beta_min"], d["restart_threshold"],
+                          d["restart_low"])
+
+    # -- layers ---------------------------------------------------------------------
+    def set_layer_map(self, mapping: dict, n_layers: int) -> None:
+        """Flat-shard hook: assign elements to ``n_layers`` β's explicitly.
+
+        ``mapping[param]`` is an int (the whole tensor is one layer), an int64 tensor of
+        ``param.numel()`` layer ids (element-wise; the value ``n_layers`` marks padding
+        that belongs to no layer), or a list of ``(layer, start, end)`` slices of the
+        flattened (local) tensor; elements outside every slice are padding. Every rank
+        must use the same global layer numbering so that the packed sums line up in the
+        all-reduce. Parameters not in ``mapping`` must not receive gradients.
+        Requires ``per_layer=True``.
+        """
+        if not self.defaults["per_layer"]:
+            raise ValueError("set_layer_map needs per_layer=True")
+        resolved = {}
+        for p, spec in mapping.items():
+            n = local(p).numel()
+            if isinstance(spec, list):
+                ids = torch.full((n,), n_layers, dtype=torch.int64)
+                for layer, start, end in spec:
+                    ids[start:end] = layer
+                spec = ids
+            if isinstance(spec, Tensor):
+                spec = spec.to(device=local(p).device, dtype=torch.int64).reshape(-1)
+                if spec.numel() != n:
+                    raise ValueError(f"layer map has {spec.numel()} entries for a tensor of {n} elements")
+            resolved[p] = spec
+        self._explicit_layers = (resolved, n_layers)
+        self._layer_cache = None
+
+    def _layers(self) -> tuple[dict, int]:
+        """``({param: layer}, n_layers)``, cached until groups or the map change."""
+        if self._explicit_layers is not None:
+            return self._explicit_layers
+        if self._layer_cache is None:
+            out, n = {}, 0
+            for group in self.param_groups:
+                if not self.defaults["per_layer"]:
+                    out.update((p, 0) for p in group["params"])
+                    n = 1
+                elif group["layer_per_group"]:
+                    out.update((p, n) for p in group["params"])
+                    n += 1
+                else:
+                    for p in group["params"]:
+                        out[p] = n
+                        n += 1
+            self._layer_cache = (out, max(n, 1))
+        return self._layer_cache
+
+    # -- β state --------------------------------------------------------------------
+    def _stats_device_dtype(self):
+        params = [local(p) for g in self.param_groups for p in g["params"]]
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        return params[0].device, dtype
+
+    def _get_beta_state(self) -> BetaState:
+        n_layers = self._layers()[1]
+        if self._beta_state is None:
+            device, dtype = self._stats_device_dtype()
+            self._beta_state = BetaState.fresh(n_layers, self._beta_max(self.defaults), device, dtype)
+        self._beta_state = self._beta_state.resized(n_layers, self._beta_max(self.defaults))
+        return self._beta_state
+
+    def _reducer(self):
+        if not self._reduce_resolved:
+            params = [p for g in self.param_groups for p in g["params"]]
+            self._reduce_fn, self._plain_weight = resolve_reducer(self.reducer, params)
+            self._reduce_resolved = True
+        return self._reduce_fn
+
+    def _weight(self, p: Tensor) -> float:
+        """Multiplier of a tensor's partial sums (plain tensors under a mesh reduction)."""
+        from .reduce import is_dtensor
+
+        return 1.0 if is_dtensor(p) else self._plain_weight
+
+    def _take_lr_ratio(self, group: dict) -> float:
+        """r for this step; remembers this step's lr for the next one."""
+        r = lr_ratio(group.get("prev_lr"), group["lr"])
+        group["prev_lr"] = group["lr"]
+        return r
+
+    @property
+    def last_beta(self) -> Tensor:
+        """β used on the last step: 0-d (global) or ``[n_layers]`` (per_layer), on device."""
+        beta = self._get_beta_state().last_beta
+        return beta if self.defaults["per_layer"] else beta[0]
+
+    @property
+    def fallback_count(self) -> Tensor:
+        """0-d int64 tensor: steps (per_layer: layer-steps) that hit the C <= 0 fallback."""
+        return self._get_beta_state().fallback_count
+
+    @property
+    def beta_state(self) -> BetaState:
+        return self._get_beta_state()
+
+    # -- checkpoints ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch's dict plus ``"am_state"``: {pi, last_beta, beta_step, fallback_count}.
+
+        All entries are tensors or Python scalars (``torch.load(weights_only=True)``
+        works). The previous lr lives in each param group as ``"prev_lr"``.
+        """
+        sd = super().state_dict()
+        sd["am_state"] = {k: v.detach().clone() for k, v in self._get_beta_state().to_dict().items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads dicts with or without ``"am_state"`` (missing entries start fresh)."""
+        state_dict = dict(state_dict)
+        am = state_dict.pop("am_state", None)
+        super().load_state_dict(state_dict)
+        fresh = BetaState.fresh(self._layers()[1], self._beta_max(self.defaults),
+                                *self._stats_device_dtype())
+        am = dict(am or {})
+        for k in _AM_STATE_KEYS:
+            am.setdefault(k, getattr(fresh, k))
+        ref = fresh.to_dict()
+        self._beta_state = BetaState(**{k: am[k].to(device=ref[k].device, dtype=ref[k].dtype) for k in _AM_STATE_KEYS})

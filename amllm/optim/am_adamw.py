@@ -1,0 +1,145 @@
+"""AM-AdamW: AdamW whose first-moment coefficient β is solved for every step."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._base import AMOptimizerBase, _check, validate_common
+from .functional import AdamWGroup, am_adamw
+from .reduce import local
+
+
+class AMAdamW(AMOptimizerBase):
+    r"""AM-AdamW (Adaptive Memory AdamW).
+
+    From "Adaptive Memory Momentum via a Model-Based Framework for Deep Learning
+    Optimization", Topollai & Choromanska, arXiv 2510.04988 (Section 3.3, Appendix D).
+    The contract is ``/shared/spec/am-optimizers.md``. Per step, with this step's
+    gradient g, moments d (zero-initialised) and v, lr η_t, weight decay μ::
+
+        v   ← β2 v + (1 - β2) g²
+        c1  = 1 - β_max · π                  (π: running product of past β's, 1 at start)
+        c2  = 1 - β2^t
+        p   = c1 · (sqrt(v / c2) + ε)
+        w   = 1 / (p (1 + λ p))
+        δ   = d - g
+        r   = η_{t-1} / η_t                  (1 on the first step or when η_t = 0)
+        A   = r (1 + μ η_t) · Σ g·(d / p + μ x)
+        B   = Σ w·δ·(g + λ p d)
+        C   = Σ w·δ·δ
+        D   = μ · Σ δ·x
+        β   = β_max                              on the first step
+            = clip((A - B - D) / C, 0, β_max)    if C > 0 and the ratio is finite
+            = β_max                              otherwise (fallback; counted)
+        β   ← policy(β)                       "am" | "clip": max(β, β_min)
+                                              | "restart": β_max if β ≥ θ else restart_low
+        d   ← (d (β + λ p) + (1 - β) g) / (1 + λ p)
+        x   ← x (1 - η_t μ) - η_t d / p
+        π   ← π · β
+
+    Σ runs over every element sharing the β: all parameters of all param groups
+    (global, default) or one layer (``per_layer=True``: one parameter tensor, or a whole
+    param group with ``layer_per_group=True``). Groups may have different lr and weight
+    decay: A and D are per-element sums, so each group contributes with its own η, μ and
+    r (A = Σ_groups r_g (1 + μ_g η_g) Σ_{group} g·(d/p + μ_g x)). With λ = 0 and β forced
+    to β1 this is exactly ``torch.optim.AdamW(betas=(β1, β2))``.
+
+    Args:
+        params: iterable of parameters or param groups. Per-group keys: ``lr``,
+            ``betas`` (only β2 may differ between groups), ``eps``, ``weight_decay``,
+            ``lam``, ``layer_per_group``.
+        lr: η (LR schedulers change ``group["lr"]`` as usual).
+        betas: (β_max, β2); β_max takes AdamW's β1 place.
+        eps: ε. weight_decay: μ (decoupled). lam: λ ≥ 0, the proximal weight.
+        per_layer: one β per layer instead of one global β.
+        beta_policy: "am", "clip" or "restart"; beta_min, restart_threshold (θ),
+            restart_low: their parameters.
+        reducer: how partial sums are summed over ranks (see ``amllm.optim.reduce``):
+            None (single process / DDP; automatic for DTensor params), a ProcessGroup
+            (ZeRO flat shards, parameter subsets) or a callable ``reduce(t) -> t``.
+        foreach: None/True: multi-tensor ``torch._foreach_*`` path; False: the readable
+            per-tensor path.
+
+    Attributes: ``last_beta`` (0-d or ``[n_layers]`` tensor on device),
+    ``fallback_count`` (0-d int64 tensor), ``last_sums`` ([L, 5] = A, B, C, D, count).
+
+    State: per param ``step`` (0-d float32 CPU tensor), ``exp_avg`` (d) and
+    ``exp_avg_sq`` (v) in the parameter dtype (same bytes as AdamW); per β ``pi``,
+    ``last_beta``, ``beta_step`` and the ``fallback_count`` in ``state_dict()["am_state"]``;
+    the previous lr per group in ``param_groups[i]["prev_lr"]``.
+    """
+
+    _name = "AMAdamW"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        lam: float = 0.1,
+        per_layer: bool = False,
+        beta_policy: str = "am",
+        beta_min: float = 0.0,
+        restart_threshold: float = 0.7,
+        restart_low: float = 0.1,
+        reducer=None,
+        foreach: Optional[bool] = None,
+    ):
+        self._validate_group(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lam=lam))
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lam=lam,
+                        per_layer=per_layer, beta_policy=beta_policy, beta_min=beta_min,
+                        restart_threshold=restart_threshold, restart_low=restart_low)
+        super().__init__(params, defaults, reducer=reducer, foreach=foreach)
+
+    def _beta_max(self, group: dict) -> float:
+        return group["betas"][0]
+
+    def _validate_group(self, group: dict) -> None:
+        betas = group["betas"]
+        if len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas} (must be (beta_max, beta2))")
+        validate_common(group["lr"], betas[0], group["lam"], group["weight_decay"])
+        _check(0.0 <= betas[1] < 1.0, "beta2", betas[1], "in [0, 1)")
+        _check(group["eps"] > 0.0, "eps", group["eps"], "> 0")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AM-AdamW step. Params whose grad is None are skipped (state untouched)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        layers, _ = self._layers()
+        reduce = self._reducer()
+        groups = []
+        for group in self.param_groups:
+            g = AdamWGroup([], [], [], [], [], [], lr=group["lr"], lr_ratio=self._take_lr_ratio(group),
+                           weight_decay=group["weight_decay"], eps=group["eps"], beta2=group["betas"][1],
+                           lam=group["lam"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AMAdamW does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                g.params.append(local(p))
+                g.grads.append(local(p.grad))
+                g.exp_avgs.append(local(state["exp_avg"]))
+                g.exp_avg_sqs.append(local(state["exp_avg_sq"]))
+                g.steps.append(int(state["step"].item()))  # CPU tensor: no device sync
+                g.layers.append(layers[p])
+                g.weights.append(self._weight(p))
+            groups.append(g)
+        self._beta_state, self.last_sums = am_adamw(
+            groups, self._get_beta_state(), self._beta_config(), reduce=reduce, impl=self._impl,
+            force_beta=self._force_beta)
+        return loss

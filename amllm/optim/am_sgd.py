@@ -1,0 +1,116 @@
+"""AM-SGD: heavy-ball SGD whose momentum coefficient β is solved for every step."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._base import AMOptimizerBase, validate_common
+from .functional import SGDGroup, am_sgd
+from .reduce import local
+
+
+class AMSGD(AMOptimizerBase):
+    r"""AM-SGD (the paper's AM-MSGD, Algorithm 1, stochastic line 5).
+
+    From "Adaptive Memory Momentum via a Model-Based Framework for Deep Learning
+    Optimization", Topollai & Choromanska, arXiv 2510.04988. Contract:
+    ``/shared/spec/am-optimizers.md``. With g ← g + μ x (coupled weight decay, as
+    ``torch.optim.SGD``)::
+
+        first step of a tensor (no buffer):  d ← g;  x ← x - η_t d
+        every later step:
+          r   = η_{t-1} / η_t                 (1 when η_t = 0)
+          δ   = d - g
+          num = (λ+1) · r · Σ g·d  -  Σ δ·(g + λ d)        (= A - B)
+          den = Σ δ·δ                                        (= C)
+          β   = clip(num / den, 0, β_max) if den > 0 and finite, else β_max (fallback)
+          β   ← policy(β)
+          d   ← ((β + λ) d + (1 - β) g) / (1 + λ)
+          x   ← x - η_t d
+
+    d is a convex combination of d and g (dampened), unlike ``torch.optim.SGD``'s
+    d ← β d + g. Without the clip λ cancels exactly (β(λ) = β(0)(1+λ) - λ); λ acts
+    only through the clip, as a floor λ/(1+λ) of memory. Groups, layers, reducer,
+    policies, attributes and checkpoints: as :class:`AMAdamW`. Per-param state:
+    ``momentum_buffer``. ``last_sums`` is [L, 4] = A, B, C, count.
+    """
+
+    _name = "AMSGD"
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        beta_max: float = 0.9,
+        lam: float = 0.1,
+        weight_decay: float = 0.0,
+        per_layer: bool = False,
+        beta_policy: str = "am",
+        beta_min: float = 0.0,
+        restart_threshold: float = 0.7,
+        restart_low: float = 0.1,
+        reducer=None,
+        foreach: Optional[bool] = None,
+    ):
+        self._validate_group(dict(lr=lr, beta_max=beta_max, lam=lam, weight_decay=weight_decay))
+        defaults = dict(lr=lr, beta_max=beta_max, lam=lam, weight_decay=weight_decay, per_layer=per_layer,
+                        beta_policy=beta_policy, beta_min=beta_min, restart_threshold=restart_threshold,
+                        restart_low=restart_low)
+        super().__init__(params, defaults, reducer=reducer, foreach=foreach)
+
+    def _beta_max(self, group: dict) -> float:
+        return group["beta_max"]
+
+    def _validate_group(self, group: dict) -> None:
+        validate_common(group["lr"], group["beta_max"], group["lam"], group["weight_decay"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AM-SGD step. Params whose grad is None are skipped (state untouched)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        layers, _ = self._layers()
+        reduce = self._reducer()
+        groups, owners = [], []
+        for group in self.param_groups:
+            g = SGDGroup([], [], [], [], lr=group["lr"], lr_ratio=self._take_lr_ratio(group),
+                         weight_decay=group["weight_decay"], lam=group["lam"])
+            owner = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AMSGD does not support sparse gradients")
+                buf = self.state[p].get("momentum_buffer")
+                g.params.append(local(p))
+                g.grads.append(local(p.grad))
+                g.momentum_buffers.append(local(buf))
+                g.layers.append(layers[p])
+                g.weights.append(self._weight(p))
+                owner.append(p)
+            groups.append(g)
+            owners.append(owner)
+        self._beta_state, self.last_sums = am_sgd(
+            groups, self._get_beta_state(), self._beta_config(), reduce=reduce, impl=self._impl,
+            force_beta=self._force_beta)
+        for g, owner in zip(groups, owners):  # buffers created on a tensor's first step
+            for p, buf in zip(owner, g.momentum_buffers):
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = _like_param(p, buf)
+        return loss
+
+
+def _like_param(p, buf):
+    """Wrap a new local buffer like its parameter (a DTensor for DTensor params)."""
+    from .reduce import is_dtensor
+
+    if is_dtensor(p):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(buf, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+    return buf

@@ -1,0 +1,419 @@
+"""Pure update math of AM-AdamW and AM-SGD (no ``torch.optim.Optimizer`` bookkeeping).
+
+The rules are in ``/shared/spec/am-optimizers.md`` (and the optimizer docstrings).
+One step has three phases, the same for both optimizers:
+
+1. *stats*: per tensor, update what needs this step's gradient first (AM-AdamW's v),
+   then the partial sums of the spec (A, B, C, D / A, B, C) plus an element count,
+   routed to the tensor's layer -> a ``[L, K + 1]`` matrix ``packed``.
+2. *β*: ``packed`` goes through the reducer (ONE collective: sums over ranks that hold
+   shards of the same layers), then ``beta.finish_beta`` derives β on device.
+3. *apply*: the moment and parameter updates with the per-layer β.
+
+Two implementations of phases 1 and 3 (``impl``):
+
+* ``"forloop"``: one tensor at a time, written line by line from the spec. Readable;
+  also the only one that handles tensors whose elements belong to several layers
+  (flat-shard hook: ``layer`` given as an int64 element→layer map).
+* ``"foreach"``: ``torch._foreach_*`` multi-tensor ops per (device, dtype) bucket, with
+  algebraic rewrites that save passes over memory (documented inline).
+
+Both are tested against an independent float64 oracle (``tests/reference_am.py``).
+
+Numerics: statistics (sums, β, π) are computed in float32, or float64 for float64
+parameters, whatever the parameter dtype. For bf16/fp16 parameters the math of a tensor
+runs in float32 on upcast copies and is rounded once when written back; the moments d, v
+are kept in the parameter dtype (state bytes equal torch AdamW's: two tensors per param).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .beta import BetaConfig, BetaState, elementwise_layer_sums, finish_beta
+
+Reducer = Optional[Callable[[Tensor], Tensor]]
+Layer = Union[int, Tensor]  # a layer index, or an int64 element→layer map (flat shards)
+
+IMPLS = ("forloop", "foreach")
+
+
+@dataclass
+class AdamWGroup:
+    """The tensors of one param group that have a gradient this step (local shards).
+
+    Lists are aligned, one entry per parameter tensor. ``steps`` are the per-tensor step
+    counts t *after* this step's increment. ``layers``: see ``Layer``. ``weights``: a
+    multiplier per tensor on its partial sums (1.0, or 1/R for a tensor replicated on the
+    R ranks of the reduce group, so that it counts once).
+    """
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    steps: list[int]
+    layers: list[Layer]
+    lr: float
+    lr_ratio: float
+    weight_decay: float
+    eps: float
+    beta2: float
+    lam: float
+    weights: list[float] = field(default_factory=list)
+
+
+@dataclass
+class SGDGroup:
+    """Like ``AdamWGroup``; ``momentum_buffers[i]`` is None before the tensor's first step."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    momentum_buffers: list[Optional[Tensor]]
+    layers: list[Layer]
+    lr: float
+    lr_ratio: float
+    weight_decay: float
+    lam: float
+    weights: list[float] = field(default_factory=list)
+
+
+def lr_ratio(prev_lr: Optional[float], lr: float) -> float:
+    """r = η_{t-1} / η_t; 1 on the first step or when η_t = 0 (spec [choice])."""
+    if prev_lr is None or lr == 0:
+        return 1.0
+    return prev_lr / lr
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """float64 stays float64; everything else computes in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _up(t: Tensor) -> Tensor:
+    """The tensor itself when it already has the compute dtype, else a float32 copy."""
+    return t.to(_compute_dtype(t))
+
+
+def _writeback(dst: Tensor, src: Tensor) -> None:
+    if src is not dst:
+        dst.copy_(src)
+
+
+def _layer_sums(terms: list[Tensor], layer: Layer, n_layers: int, weight: float) -> Tensor:
+    """``K`` product tensors of one tensor -> its ``[L, K+1]`` contribution (last: count)."""
+    dtype = terms[0].dtype
+    if isinstance(layer, Tensor):  # flat shard: elements of several layers
+        flat = torch.stack([t.reshape(-1) for t in terms] + [torch.ones_like(terms[0]).reshape(-1)])
+        out = elementwise_layer_sums(flat, layer, n_layers)
+        out[:, :-1] *= weight
+        return out
+    out = torch.zeros(n_layers, len(terms) + 1, dtype=dtype, device=terms[0].device)
+    out[layer, :-1] = torch.stack([t.sum() for t in terms]) * weight
+    out[layer, -1] = terms[0].numel()
+    return out
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def _buckets(n: int, tensors: list[Tensor], layers: list[Layer]) -> dict:
+    """Indices of the foreach-able tensors grouped by (device, dtype); the rest separately."""
+    out: dict = {}
+    for i in range(n):
+        key = "forloop" if isinstance(layers[i], Tensor) else (tensors[i].device, tensors[i].dtype)
+        out.setdefault(key, []).append(i)
+    return out
+
+
+# ----------------------------------------------------------------------------- AM-AdamW
+
+
+def _adamw_stats_one(x, g, d, v, *, t, c1, beta2, eps, lam, wd, coef_a, layer, n_layers, weight):
+    """Spec lines for one tensor: v update, then the terms of A, B, C, D. Returns (sums, p)."""
+    X, G, Dm, V = _up(x), _up(g), _up(d), _up(v)
+    V.mul_(beta2).addcmul_(G, G, value=1 - beta2)  # v ← β2 v + (1-β2) g²
+    _writeback(v, V)
+    c2 = 1 - beta2**t
+    p = c1 * (torch.sqrt(V / c2) + eps)  # diagonal of P_t
+    w = 1 / (p * (1 + lam * p))  # diagonal of P̃_t⁻¹
+    delta = Dm - G
+    a = coef_a * G * (Dm / p + wd * X)  # A = r(1+μη) Σ g·(d/p + μx)
+    b = w * delta * (G + lam * p * Dm)  # B = Σ w δ (g + λ p d)
+    c = w * delta * delta  # C = Σ w δ²
+    dd = wd * delta * X  # D = μ Σ δ x
+    return _layer_sums([a, b, c, dd], layer, n_layers, weight), p
+
+
+def _adamw_apply_one(x, g, d, p, beta, *, lr, wd, lam):
+    X, G, Dm = _up(x), _up(g), _up(d)
+    d_new = (Dm * (beta + lam * p) + (1 - beta) * G) / (1 + lam * p)
+    x_new = X * (1 - lr * wd) - lr * d_new / p
+    d.copy_(d_new)
+    x.copy_(x_new)
+
+
+def _adamw_stats_foreach(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: int):
+    """Multi-tensor stats for one (device, dtype) bucket.
+
+    Rewrites vs the spec lines (exact algebra, fewer passes):
+      q = d/p;  B = Σ w δ (g + λ p d) = Σ δ q - C  (substitute g = d - δ and w(1+λp) = 1/p)
+      w δ is kept (as ``wd_``) for the update: d_new = d - (1-β) (w δ) p.
+    """
+    X = [_up(grp.params[i]) for i in idx]
+    G = [_up(grp.grads[i]) for i in idx]
+    Dm = [_up(grp.exp_avgs[i]) for i in idx]
+    V = [_up(grp.exp_avg_sqs[i]) for i in idx]
+    b2, lam, mu = grp.beta2, grp.lam, grp.weight_decay
+    torch._foreach_mul_(V, b2)
+    torch._foreach_addcmul_(V, G, G, value=1 - b2)
+    for i, Vi in zip(idx, V):
+        _writeback(grp.exp_avg_sqs[i], Vi)
+    c1s = [c1[grp.layers[i]] for i in idx]  # 0-d views, no host sync
+    # p = c1·sqrt(v)/sqrt(c2) + c1·ε, with c2 = 1 - β2^t per tensor (host floats)
+    P = torch._foreach_sqrt(V)
+    torch._foreach_mul_(P, torch._foreach_mul(c1s, [1 / math.sqrt(1 - b2 ** grp.steps[i]) for i in idx]))
+    torch._foreach_add_(P, torch._foreach_mul(c1s, grp.eps))
+    Q = torch._foreach_div(Dm, P)
+    Delta = torch._foreach_sub(Dm, G)
+    if lam != 0:
+        PU = torch._foreach_addcmul(P, P, P, value=lam)  # p (1 + λ p)
+        WDelta = torch._foreach_div(Delta, PU)
+        del PU
+    else:
+        WDelta = torch._foreach_div(Delta, P)
+    raw = []
+    for k in range(len(idx)):
+        row = [_dot(G[k], Q[k]), _dot(Delta[k], Q[k]), _dot(WDelta[k], Delta[k])]
+        if mu != 0:
+            row += [_dot(G[k], X[k]), _dot(Delta[k], X[k])]
+        raw.append(torch.stack(row))
+    del Q, Delta
+    dtype, dev = P[0].dtype, P[0].device
+    raw = torch.stack(raw)  # [n, 3 or 5]: Σgq, Σδq, C, (Σgx, Σδx)
+    coef_a = grp.lr_ratio * (1 + mu * grp.lr)
+    a = coef_a * (raw[:, 0] + mu * raw[:, 3]) if mu != 0 else coef_a * raw[:, 0]
+    d_ = mu * raw[:, 4] if mu != 0 else torch.zeros_like(a)
+    weights = torch.tensor([grp.weights[i] for i in idx], dtype=dtype)
+    counts = torch.tensor([float(grp.params[i].numel()) for i in idx], dtype=dtype)
+    rows = torch.cat([torch.stack([a, raw[:, 1] - raw[:, 2], raw[:, 2], d_], 1) * weights.to(dev)[:, None],
+                      counts.to(dev)[:, None]], 1)
+    layer_rows = torch.tensor([grp.layers[i] for i in idx], dtype=torch.int64).to(dev)
+    out = torch.zeros(n_layers, 5, dtype=dtype, device=dev).index_add_(0, layer_rows, rows)
+    return out, (X, Dm, P, WDelta)
+
+
+def _adamw_apply_foreach(grp: AdamWGroup, idx: list[int], scratch, beta: Tensor):
+    X, Dm, P, S = scratch
+    torch._foreach_mul_(S, [1 - beta[grp.layers[i]] for i in idx])  # S = (1-β) w δ
+    torch._foreach_addcmul_(Dm, S, P, value=-1)  # d ← d - (1-β) δ/(1+λp)
+    if grp.weight_decay != 0:
+        torch._foreach_mul_(X, 1 - grp.lr * grp.weight_decay)
+    torch._foreach_addcdiv_(X, Dm, P, value=-grp.lr)  # x ← x(1-ημ) - η d/p
+    for k, i in enumerate(idx):
+        _writeback(grp.exp_avgs[i], Dm[k])
+        _writeback(grp.params[i], X[k])
+
+
+def _adamw_stats(grp: AdamWGroup, c1: Tensor, n_layers: int, impl: str):
+    packed, scratch = None, {}
+    n = len(grp.params)
+    if not grp.weights:
+        grp.weights = [1.0] * n
+    for key, idx in _buckets(n, grp.params, grp.layers).items():
+        if impl == "foreach" and key != "forloop":
+            part, scratch[key] = _adamw_stats_foreach(grp, idx, c1, n_layers)
+        else:
+            parts, ps = [], []
+            for i in idx:
+                layer = grp.layers[i]
+                part_i, p = _adamw_stats_one(
+                    grp.params[i], grp.grads[i], grp.exp_avgs[i], grp.exp_avg_sqs[i],
+                    t=grp.steps[i], c1=c1[layer], beta2=grp.beta2, eps=grp.eps, lam=grp.lam,
+                    wd=grp.weight_decay, coef_a=grp.lr_ratio * (1 + grp.weight_decay * grp.lr),
+                    layer=layer, n_layers=n_layers, weight=grp.weights[i],
+                )
+                parts.append(part_i)
+                ps.append(p)
+            part, scratch[key] = torch.stack(parts).sum(0), ps
+        packed = part if packed is None else packed + part.to(packed.device, packed.dtype)
+    return packed, scratch
+
+
+def _adamw_apply(grp: AdamWGroup, scratch: dict, beta: Tensor, impl: str):
+    for key, idx in _buckets(len(grp.params), grp.params, grp.layers).items():
+        if impl == "foreach" and key != "forloop":
+            _adamw_apply_foreach(grp, idx, scratch[key], beta)
+        else:
+            for i, p in zip(idx, scratch[key]):
+                _adamw_apply_one(grp.params[i], grp.grads[i], grp.exp_avgs[i], p, beta[grp.layers[i]],
+                                 lr=grp.lr, wd=grp.weight_decay, lam=grp.lam)
+
+
+def am_adamw(
+    groups: list[AdamWGroup],
+    state: BetaState,
+    cfg: BetaConfig,
+    *,
+    reduce: Reducer = None,
+    impl: str = "foreach",
+    force_beta: Optional[float] = None,
+) -> tuple[BetaState, Tensor]:
+    """One AM-AdamW step over all groups (they share the β's). Mutates params and moments.
+
+    Returns the new β state and the packed sums ``[L, 5]`` = [A, B, C, D, count] after
+    reduction (for logging). ``reduce(packed) -> summed`` runs exactly once, also when
+    this rank has no tensor with a gradient (so every rank reaches the collective).
+    """
+    c1 = 1 - cfg.beta_max * state.pi  # [L] conservative bias correction (D.1)
+
+    def stats(grp):
+        return _adamw_stats(grp, c1, state.pi.numel(), impl)
+
+    def num_den(packed):
+        return packed[:, 0] - packed[:, 1] - packed[:, 3], packed[:, 2]
+
+    return _run(groups, state, cfg, 4, stats, num_den, lambda g, s, b: _adamw_apply(g, s, b, impl),
+                reduce, force_beta)
+
+
+def _run(groups, state, cfg, k, stats, num_den, apply, reduce, force_beta):
+    """The phase structure shared by both optimizers (see the module docstring)."""
+    packed = torch.zeros(state.pi.numel(), k + 1, dtype=state.pi.dtype, device=state.pi.device)
+    scratch = []
+    for grp in groups:
+        part, sc = stats(grp)
+        if part is not None:
+            packed = packed + part.to(packed.device, packed.dtype)
+        scratch.append(sc)
+    if reduce is not None:
+        packed = reduce(packed)
+    num, den = num_den(packed)
+    beta, new_state = finish_beta(packed, num, den, state, cfg, force_beta)
+    for grp, sc in zip(groups, scratch):
+        apply(grp, sc, beta)
+    return new_state, packed
+
+
+# ----------------------------------------------------------------------------- AM-SGD
+
+
+def _sgd_grad(x: Tensor, g: Tensor, wd: float) -> Tensor:
+    """Coupled weight decay as torch.optim.SGD: g ← g + μ x (never mutates p.grad)."""
+    return g.add(x, alpha=wd) if wd != 0 else g
+
+
+def _sgd_stats_one(x, g, d, *, lam, coef_a, wd, layer, n_layers, weight):
+    X, G, Dm = _up(x), _up(g), _up(d)
+    G = _sgd_grad(X, G, wd)
+    delta = Dm - G
+    a = coef_a * G * Dm  # (λ+1) r Σ g·d
+    b = delta * (G + lam * Dm)  # Σ δ·(g + λ d)
+    c = delta * delta  # Σ δ·δ
+    return _layer_sums([a, b, c], layer, n_layers, weight)
+
+
+def _sgd_apply_one(x, g, d, beta, *, lam, lr, wd):
+    X, G, Dm = _up(x), _up(g), _up(d)
+    G = _sgd_grad(X, G, wd)
+    d_new = ((beta + lam) * Dm + (1 - beta) * G) / (1 + lam)
+    d.copy_(d_new)
+    x.copy_(X - lr * d_new)
+
+
+def _sgd_stats(grp: SGDGroup, n_layers: int, impl: str, dtype, device):
+    """Partial sums over tensors that already have a buffer (new ones take d ← g)."""
+    n = len(grp.params)
+    if not grp.weights:
+        grp.weights = [1.0] * n
+    have = [i for i in range(n) if grp.momentum_buffers[i] is not None]
+    coef_a = (grp.lam + 1) * grp.lr_ratio
+    packed = torch.zeros(n_layers, 4, dtype=dtype, device=device)
+    for i in range(n):  # a tensor's first step adds no sums, but its layer is present
+        if grp.momentum_buffers[i] is None:
+            layer = grp.layers[i]
+            if isinstance(layer, Tensor):
+                packed[:, -1] += torch.bincount(layer, minlength=n_layers).to(device, dtype)
+            else:
+                packed[layer, -1] += grp.params[i].numel()
+    scratch = {}
+    for key, idx in _buckets(len(have), [grp.params[i] for i in have], [grp.layers[i] for i in have]).items():
+        idx = [have[j] for j in idx]
+        if impl == "foreach" and key != "forloop":
+            X = [_up(grp.params[i]) for i in idx]
+            G = [_sgd_grad(X[k], _up(grp.grads[i]), grp.weight_decay) for k, i in enumerate(idx)]
+            Dm = [_up(grp.momentum_buffers[i]) for i in idx]
+            Delta = torch._foreach_sub(Dm, G)
+            # Σδ·(g+λd) = Σδg + λ(Σδδ + Σδg) since d = δ + g: three dots, δ kept explicit
+            # (not Σdd - 2Σgd + Σgg, which cancels catastrophically when d ≈ g).
+            raw = torch.stack([torch.stack([_dot(G[k], Dm[k]), _dot(Delta[k], G[k]), _dot(Delta[k], Delta[k])])
+                               for k in range(len(idx))])
+            dev, dt = raw.device, raw.dtype
+            rows = torch.stack([coef_a * raw[:, 0], raw[:, 1] + grp.lam * (raw[:, 2] + raw[:, 1]), raw[:, 2]], 1)
+            rows = rows * torch.tensor([grp.weights[i] for i in idx], dtype=dt).to(dev)[:, None]
+            counts = torch.tensor([float(grp.params[i].numel()) for i in idx], dtype=dt).to(dev)
+            layer_rows = torch.tensor([grp.layers[i] for i in idx], dtype=torch.int64).to(dev)
+            part = torch.zeros(n_layers, 4, dtype=dt, device=dev).index_add_(
+                0, layer_rows, torch.cat([rows, counts[:, None]], 1))
+            scratch[key] = (X, Dm, Delta)
+        else:
+            part = sum(_sgd_stats_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i], lam=grp.lam,
+                                      coef_a=coef_a, wd=grp.weight_decay, layer=grp.layers[i],
+                                      n_layers=n_layers, weight=grp.weights[i]) for i in idx)
+            scratch[key] = None
+        packed = packed + part.to(device, dtype)
+    return packed, (have, scratch)
+
+
+def _sgd_apply(grp: SGDGroup, sc, beta: Tensor, impl: str):
+    have, scratch = sc
+    for i in range(len(grp.params)):  # first step of a tensor: d ← g, x ← x - η d
+        if grp.momentum_buffers[i] is None:
+            x = grp.params[i]
+            d = _sgd_grad(_up(x), _up(grp.grads[i]), grp.weight_decay).clone()
+            x.copy_(_up(x) - grp.lr * d)
+            grp.momentum_buffers[i] = d.to(x.dtype)
+    sub = [grp.params[i] for i in have]
+    for key, idx in _buckets(len(have), sub, [grp.layers[i] for i in have]).items():
+        idx = [have[j] for j in idx]
+        if impl == "foreach" and key != "forloop":
+            X, Dm, Delta = scratch[key]
+            # d ← ((β+λ)d + (1-β)g)/(1+λ) = d - (1-β)/(1+λ) δ
+            torch._foreach_mul_(Delta, [(beta[grp.layers[i]] - 1) / (1 + grp.lam) for i in idx])
+            torch._foreach_add_(Dm, Delta)
+            torch._foreach_add_(X, Dm, alpha=-grp.lr)
+            for k, i in enumerate(idx):
+                _writeback(grp.momentum_buffers[i], Dm[k])
+                _writeback(grp.params[i], X[k])
+        else:
+            for i in idx:
+                _sgd_apply_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i], beta[grp.layers[i]],
+                               lam=grp.lam, lr=grp.lr, wd=grp.weight_decay)
+
+
+def am_sgd(
+    groups: list[SGDGroup],
+    state: BetaState,
+    cfg: BetaConfig,
+    *,
+    reduce: Reducer = None,
+    impl: str = "foreach",
+    force_beta: Optional[float] = None,
+) -> tuple[BetaState, Tensor]:
+    """One AM-SGD step over all groups. New buffers are stored into ``momentum_buffers``.
+
+    Returns the new β state and the packed sums ``[L, 4]`` = [A, B, C, count].
+    """
+    L, dt, dev = state.pi.numel(), state.pi.dtype, state.pi.device
+
+    def num_den(packed):
+        return packed[:, 0] - packed[:, 1], packed[:, 2]
+
+    return _run(groups, state, cfg, 3, lambda g: _sgd_stats(g, L, impl, dt, dev), num_den,
+                lambda g, s, b: _sgd_apply(g, s, b, impl), reduce, force_beta)
