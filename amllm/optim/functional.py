@@ -105,19 +105,12 @@ def _writeback(dst: Tensor, src: Tensor) -> None:
         dst.copy_(src)
 
 
-def _at(per_layer: Tensor, layer: Layer, pad: float) -> Tensor:
-    """``per_layer[layer]``; under an element→layer map, padding ids (``n_layers``) read ``pad``."""
-    if isinstance(layer, Tensor):
-        return torch.cat([per_layer, per_layer.new_full((1,), pad)])[layer]
-    return per_layer[layer]
-
-
 def _layer_sums(terms: list[Tensor], layer: Layer, n_layers: int, weight: float) -> Tensor:
     """``K`` product tensors of one tensor -> its ``[L, K+1]`` contribution (last: count)."""
     dtype = terms[0].dtype
     if isinstance(layer, Tensor):  # flat shard: elements of several layers
         flat = torch.stack([t.reshape(-1) for t in terms] + [torch.ones_like(terms[0]).reshape(-1)])
-        out = elementwise_layer_sums(flat, layer, n_layers + 1)[:n_layers]  # row n_layers: padding
+        out = elementwise_layer_sums(flat, layer, n_layers)
         out[:, :-1] *= weight
         return out
     out = torch.zeros(n_layers, len(terms) + 1, dtype=dtype, device=terms[0].device)
@@ -242,7 +235,7 @@ def _adamw_stats(grp: AdamWGroup, c1: Tensor, n_layers: int, impl: str):
                 layer = grp.layers[i]
                 part_i, p = _adamw_stats_one(
                     grp.params[i], grp.grads[i], grp.exp_avgs[i], grp.exp_avg_sqs[i],
-                    t=grp.steps[i], c1=_at(c1, layer, 1.0), beta2=grp.beta2, eps=grp.eps, lam=grp.lam,
+                    t=grp.steps[i], c1=c1[layer], beta2=grp.beta2, eps=grp.eps, lam=grp.lam,
                     wd=grp.weight_decay, coef_a=grp.lr_ratio * (1 + grp.weight_decay * grp.lr),
                     layer=layer, n_layers=n_layers, weight=grp.weights[i],
                 )
@@ -259,7 +252,7 @@ def _adamw_apply(grp: AdamWGroup, scratch: dict, beta: Tensor, impl: str):
             _adamw_apply_foreach(grp, idx, scratch[key], beta)
         else:
             for i, p in zip(idx, scratch[key]):
-                _adamw_apply_one(grp.params[i], grp.grads[i], grp.exp_avgs[i], p, _at(beta, grp.layers[i], 0.0),
+                _adamw_apply_one(grp.params[i], grp.grads[i], grp.exp_avgs[i], p, beta[grp.layers[i]],
                                  lr=grp.lr, wd=grp.weight_decay, lam=grp.lam)
 
 
@@ -346,7 +339,7 @@ def _sgd_stats(grp: SGDGroup, n_layers: int, impl: str, dtype, device):
         if grp.momentum_buffers[i] is None:
             layer = grp.layers[i]
             if isinstance(layer, Tensor):
-                packed[:, -1] += torch.bincount(layer, minlength=n_layers + 1)[:n_layers].to(device, dtype)
+                packed[:, -1] += torch.bincount(layer, minlength=n_layers).to(device, dtype)
             else:
                 packed[layer, -1] += grp.params[i].numel()
     scratch = {}
@@ -400,7 +393,7 @@ def _sgd_apply(grp: SGDGroup, sc, beta: Tensor, impl: str):
                 _writeback(grp.params[i], X[k])
         else:
             for i in idx:
-                _sgd_apply_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i], _at(beta, grp.layers[i], 0.0),
+                _sgd_apply_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i], beta[grp.layers[i]],
                                lam=grp.lam, lr=grp.lr, wd=grp.weight_decay)
 
 
