@@ -134,10 +134,19 @@ def elementwise_layer_sums(products: Tensor, element_layer: Tensor, n_layers: in
     """Per-layer sums of ``products`` (``[K, N]``) by an element→layer map (``[N]`` int64).
 
     Returns ``[L, K]``. Used for tensors whose elements belong to several layers (flat
-    shards). Padding elements may map to any layer: they are zero in g, d, v, x.
+    shards). Id ``n_layers`` marks padding (no layer): it is summed into a spare row that
+    is dropped, so padding neither adds sums nor marks a layer present.
     """
-    out = torch.zeros(n_layers, products.shape[0], dtype=products.dtype, device=products.device)
-    return out.index_add_(0, element_layer, products.t())
+    out = torch.zeros(n_layers + 1, products.shape[0], dtype=products.dtype, device=products.device)
+    return out.index_add_(0, element_layer, products.t())[:n_layers]
+
+
+def at_layer(per_layer: Tensor, layer) -> Tensor:
+    """``per_layer[layer]`` for an int layer (0-d view) or an element→layer map
+    (per-element gather; padding id ``L`` reads 1.0, harmless on zero padding)."""
+    if isinstance(layer, Tensor):
+        return torch.cat([per_layer, per_layer.new_ones(1)])[layer]
+    return per_layer[layer]
 
 
 def finish_beta(

@@ -35,7 +35,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .beta import BetaConfig, BetaState, elementwise_layer_sums, finish_beta
+from .beta import BetaConfig, BetaState, at_layer, elementwise_layer_sums, finish_beta
 
 Reducer = Optional[Callable[[Tensor], Tensor]]
 Layer = Union[int, Tensor]  # a layer index, or an int64 element→layer map (flat shards)
@@ -119,6 +119,25 @@ def _layer_sums(terms: list[Tensor], layer: Layer, n_layers: int, weight: float)
     return out
 
 
+def _rows_to_layers(rows: Tensor, grp, idx: list[int], n_layers: int) -> Tensor:
+    """Per-tensor sums ``[n, K]`` -> ``[L, K+1]`` (weights applied, element counts last).
+
+    Weights, layers and counts are host values used as kernel scalars or indices: no
+    host-to-device copy (a blocking copy would synchronise a CUDA stream every step).
+    """
+    out = rows.new_zeros(n_layers, rows.shape[1] + 1)
+    layers = [grp.layers[i] for i in idx]
+    weights = [grp.weights[i] for i in idx]
+    if len(set(layers)) == 1 and all(w == 1.0 for w in weights):  # global β: one reduction
+        out[layers[0], :-1] = rows.sum(0)
+        out[layers[0], -1] = float(sum(grp.params[i].numel() for i in idx))
+        return out
+    for k, i in enumerate(idx):
+        out[layers[k], :-1] += rows[k] * weights[k]
+        out[layers[k], -1] += float(grp.params[i].numel())
+    return out
+
+
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
@@ -195,18 +214,12 @@ def _adamw_stats_foreach(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: 
             row += [_dot(G[k], X[k]), _dot(Delta[k], X[k])]
         raw.append(torch.stack(row))
     del Q, Delta
-    dtype, dev = P[0].dtype, P[0].device
     raw = torch.stack(raw)  # [n, 3 or 5]: Σgq, Σδq, C, (Σgx, Σδx)
     coef_a = grp.lr_ratio * (1 + mu * grp.lr)
     a = coef_a * (raw[:, 0] + mu * raw[:, 3]) if mu != 0 else coef_a * raw[:, 0]
     d_ = mu * raw[:, 4] if mu != 0 else torch.zeros_like(a)
-    weights = torch.tensor([grp.weights[i] for i in idx], dtype=dtype)
-    counts = torch.tensor([float(grp.params[i].numel()) for i in idx], dtype=dtype)
-    rows = torch.cat([torch.stack([a, raw[:, 1] - raw[:, 2], raw[:, 2], d_], 1) * weights.to(dev)[:, None],
-                      counts.to(dev)[:, None]], 1)
-    layer_rows = torch.tensor([grp.layers[i] for i in idx], dtype=torch.int64).to(dev)
-    out = torch.zeros(n_layers, 5, dtype=dtype, device=dev).index_add_(0, layer_rows, rows)
-    return out, (X, Dm, P, WDelta)
+    rows = torch.stack([a, raw[:, 1] - raw[:, 2], raw[:, 2], d_], 1)  # [n, 4] = A, B, C, D
+    return _rows_to_layers(rows, grp, idx, n_layers), (X, Dm, P, WDelta)
 
 
 def _adamw_apply_foreach(grp: AdamWGroup, idx: list[int], scratch, beta: Tensor):
@@ -235,7 +248,7 @@ def _adamw_stats(grp: AdamWGroup, c1: Tensor, n_layers: int, impl: str):
                 layer = grp.layers[i]
                 part_i, p = _adamw_stats_one(
                     grp.params[i], grp.grads[i], grp.exp_avgs[i], grp.exp_avg_sqs[i],
-                    t=grp.steps[i], c1=c1[layer], beta2=grp.beta2, eps=grp.eps, lam=grp.lam,
+                    t=grp.steps[i], c1=at_layer(c1, layer), beta2=grp.beta2, eps=grp.eps, lam=grp.lam,
                     wd=grp.weight_decay, coef_a=grp.lr_ratio * (1 + grp.weight_decay * grp.lr),
                     layer=layer, n_layers=n_layers, weight=grp.weights[i],
                 )
@@ -252,7 +265,7 @@ def _adamw_apply(grp: AdamWGroup, scratch: dict, beta: Tensor, impl: str):
             _adamw_apply_foreach(grp, idx, scratch[key], beta)
         else:
             for i, p in zip(idx, scratch[key]):
-                _adamw_apply_one(grp.params[i], grp.grads[i], grp.exp_avgs[i], p, beta[grp.layers[i]],
+                _adamw_apply_one(grp.params[i], grp.grads[i], grp.exp_avgs[i], p, at_layer(beta, grp.layers[i]),
                                  lr=grp.lr, wd=grp.weight_decay, lam=grp.lam)
 
 
@@ -339,7 +352,7 @@ def _sgd_stats(grp: SGDGroup, n_layers: int, impl: str, dtype, device):
         if grp.momentum_buffers[i] is None:
             layer = grp.layers[i]
             if isinstance(layer, Tensor):
-                packed[:, -1] += torch.bincount(layer, minlength=n_layers).to(device, dtype)
+                packed[:, -1] += torch.bincount(layer, minlength=n_layers + 1)[:n_layers].to(device, dtype)
             else:
                 packed[layer, -1] += grp.params[i].numel()
     scratch = {}
@@ -354,13 +367,8 @@ def _sgd_stats(grp: SGDGroup, n_layers: int, impl: str, dtype, device):
             # (not Σdd - 2Σgd + Σgg, which cancels catastrophically when d ≈ g).
             raw = torch.stack([torch.stack([_dot(G[k], Dm[k]), _dot(Delta[k], G[k]), _dot(Delta[k], Delta[k])])
                                for k in range(len(idx))])
-            dev, dt = raw.device, raw.dtype
             rows = torch.stack([coef_a * raw[:, 0], raw[:, 1] + grp.lam * (raw[:, 2] + raw[:, 1]), raw[:, 2]], 1)
-            rows = rows * torch.tensor([grp.weights[i] for i in idx], dtype=dt).to(dev)[:, None]
-            counts = torch.tensor([float(grp.params[i].numel()) for i in idx], dtype=dt).to(dev)
-            layer_rows = torch.tensor([grp.layers[i] for i in idx], dtype=torch.int64).to(dev)
-            part = torch.zeros(n_layers, 4, dtype=dt, device=dev).index_add_(
-                0, layer_rows, torch.cat([rows, counts[:, None]], 1))
+            part = _rows_to_layers(rows, grp, idx, n_layers)
             scratch[key] = (X, Dm, Delta)
         else:
             part = sum(_sgd_stats_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i], lam=grp.lam,
@@ -393,7 +401,7 @@ def _sgd_apply(grp: SGDGroup, sc, beta: Tensor, impl: str):
                 _writeback(grp.params[i], X[k])
         else:
             for i in idx:
-                _sgd_apply_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i], beta[grp.layers[i]],
+                _sgd_apply_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i], at_layer(beta, grp.layers[i]),
                                lam=grp.lam, lr=grp.lr, wd=grp.weight_decay)
 
 
