@@ -331,13 +331,6 @@ class ZeroAMAdapter(torch.optim.Optimizer):
 # ---------------------------------------------------------------------------------------
 
 
-def init_distributed() -> None:
-    """``deepspeed.init_distributed()``: NCCL on CUDA, gloo (or oneCCL) on CPU, from the launcher's env."""
-    import deepspeed
-
-    deepspeed.init_distributed()
-
-
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, ds_config=None):
     """``deepspeed.initialize`` with the validated config; AM optimizers get an exact global β.
 
