@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.dist_cases import (CLIP, GLOBAL_BATCH, LRS, MICRO, eval_batch, micro_batches, param_groups, setup_env,
+from tests.dist_cases import (CLIP, GLOBAL_BATCH, LRS, MICRO, eval_batch, micro_batches, param_groups, setup_env,  # noqa: F401
                               tiny_llama)
 
 

@@ -54,14 +54,15 @@ from amllm.optim._base import AMOptimizerBase
 _AUTO = (None, "auto")
 
 
-def _agree(ds: dict, key: str, value: Any, cfg_key: str, cfg_value: Any) -> None:
+def _agree(ds: dict, key: str, value: Any, cfg_key: str, cfg_value: Any, prefix: str = "") -> None:
     """ds[key] = value when missing/"auto"; else it must equal value (one-line error naming both)."""
     cur = ds.get(key)
     if cur in _AUTO:
         ds[key] = value
     elif cur != value:
-        raise ConfigError(f"DeepSpeed config {key}={cur!r} disagrees with {cfg_key}={cfg_value!r} "
-                          f"(which gives {value!r}); set {key} to \"auto\" or remove it")
+        name = prefix + key
+        raise ConfigError(f"DeepSpeed config {name}={cur!r} disagrees with {cfg_key}={cfg_value!r} "
+                          f"(which gives {value!r}); set {name} to \"auto\" or remove it")
 
 
 def validate_ds_config(ds_json: dict | str | os.PathLike, cfg: Config, world_size: int) -> dict:
@@ -97,7 +98,7 @@ def validate_ds_config(ds_json: dict | str | os.PathLike, cfg: Config, world_siz
         raise ConfigError("train.precision=bf16_pure has no DeepSpeed equivalent (DeepSpeed keeps fp32 master weights); "
                           "use train.precision=bf16 with parallel.backend=deepspeed")
     bf16 = dict(ds.get("bf16") or {})
-    _agree(bf16, "enabled", t.precision == "bf16", "train.precision", t.precision)
+    _agree(bf16, "enabled", t.precision == "bf16", "train.precision", t.precision, prefix="bf16.")
     ds["bf16"] = bf16
     if (ds.get("fp16") or {}).get("enabled") not in (None, False, "auto"):
         raise ConfigError("DeepSpeed config fp16.enabled=true is not supported; use train.precision=bf16 "
@@ -341,7 +342,9 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: 
     import deepspeed
     import torch.distributed as dist
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not dist.is_initialized():  # the world size decides gradient_accumulation_steps: join first
+        deepspeed.init_distributed()  # env from the launcher; NCCL on CUDA, gloo/oneCCL on CPU
+    world = dist.get_world_size()
     ds = validate_ds_config(ds_config if ds_config is not None else cfg.parallel.deepspeed_config, cfg, world)
     stage = int(ds["zero_optimization"].get("stage", 0))
     is_am = isinstance(optimizer, AMOptimizerBase)
