@@ -138,7 +138,7 @@ def run_cases(rank: int, world: int, port: int, cases: list, out_path: str) -> N
         else:
             res.update(train_steps(engine, range(n_steps), rank, world))
             res["eval_loss"] = eval_loss(engine)
-            if hasattr(ds_opt, "_hp_optimizer_states_linked"):
+            if hasattr(ds_opt, "_hp_optimizer_states_linked") and not case.get("per_layer"):
                 from deepspeed.utils import safe_get_full_optimizer_state
 
                 p = next(engine.module.parameters())

@@ -17,9 +17,10 @@ global one (or the per-layer ones) *exactly*, in every case:
 Padding: ZeRO-3 pads every parameter's slice and leaves *uninitialised* memory in the fp32
 padding (seen: -1.5e28); AM reads x as g·x and δ·x, so garbage that happens to be inf/NaN would
 poison β. Padding of x is zeroed at bind time and after every checkpoint load; g, d, v are
-zero there, so padding adds exactly 0 to every sum and stays 0. Per-layer β maps the elements
-of each flat shard to layers with DeepSpeed's fragment addresses (ZeRO-1/2, BF16_Optimizer:
-``param._hp_mapping``; ZeRO-3: the per-parameter partition layout).
+zero there, so padding adds exactly 0 to every sum and stays 0. Per-layer β cuts each flat
+shard into views, one per parameter fragment, located with DeepSpeed's fragment addresses
+(ZeRO-1/2, BF16_Optimizer: ``param._hp_mapping``; ZeRO-3: the per-parameter partition
+layout), each view one layer of ``set_layer_map`` (padding belongs to no view).
 
 Cases (``engine.optimizer`` type → mechanism):
 
@@ -217,6 +218,7 @@ class ZeroAMAdapter(torch.optim.Optimizer):
         self.template = template
         self.am: Optional[AMOptimizerBase] = None
         self._shards: list[_Shard] = []
+        self._pieces: list = []  # (shard, tensor self.am steps, offset in the flat or None, layer)
         self._index: dict[int, int] = {}
         self._pending: dict[int, Optional[torch.Tensor]] = {}
         self._groups = None
@@ -265,11 +267,18 @@ class ZeroAMAdapter(torch.optim.Optimizer):
         self._ds_opt, self._shards = ds_opt, shards
         self._index = {id(s.flat): k for k, s in enumerate(shards)}
         self._groups = self.param_groups  # DeepSpeed swaps the list per call and restores this one
+        # What self.am steps. Global β: the flat shards themselves (padding zeroed below adds 0).
+        # Per-layer β: one view per (layer, slice) of each flat -- int layers keep AM's multi-tensor
+        # path and need no per-element int64 map (8 bytes/element); padding is left out entirely.
+        if self.template.defaults.get("per_layer", False):
+            self._pieces = [(s, s.flat.detach().narrow(0, a, b - a), a, layer) for s in shards for layer, a, b in s.slices]
+        else:
+            self._pieces = [(s, s.flat, None, 0) for s in shards]
         inner_groups = [{**{k: v for k, v in g.items() if k != "params"},
-                         "params": [s.flat for s in shards if s.group == i]} for i, g in enumerate(self._groups)]
+                         "params": [t for s, t, _, _ in self._pieces if s.group == i]} for i, g in enumerate(self._groups)]
         self.am = type(self.template)(inner_groups, reducer=group[0], **self.template.defaults)
         if self.template.defaults.get("per_layer", False):
-            self.am.set_layer_map({s.flat: s.slices for s in shards}, n_layers)
+            self.am.set_layer_map({t: layer for _, t, _, layer in self._pieces}, n_layers)
         self.zero_padding()
 
     @torch.no_grad()
@@ -303,14 +312,20 @@ class ZeroAMAdapter(torch.optim.Optimizer):
             for k, v in g_ds.items():
                 if k not in ("params", "prev_lr"):
                     g_am[k] = v
-        for s in self._shards:
-            s.flat.grad = self._pending.get(id(s.flat))
+        for s, t, a, _ in self._pieces:
+            g = self._pending.get(id(s.flat))
+            if a is not None:  # a view of the flat (per-layer)
+                if t.data_ptr() != s.flat.data_ptr() + a * t.element_size():
+                    raise RuntimeError("DeepSpeed reallocated a flat fp32 shard after bind(); the per-layer views "
+                                       "no longer alias it (see docs/deepspeed_notes.md)")
+                g = None if g is None else g.narrow(0, a, t.numel())
+            t.grad = g
         try:
             self.am.step()
         finally:
-            for s in self._shards:
-                if id(s.flat) not in now:
-                    s.flat.grad = None  # DeepSpeed already dropped these; keep it that way
+            for s, t, a, _ in self._pieces:
+                if a is not None or id(s.flat) not in now:
+                    t.grad = None  # DeepSpeed already dropped the flats' grads of earlier calls
             self._pending.clear()
         for s in self._shards:
             if id(s.flat) not in now and s.refresh is not None:
