@@ -39,6 +39,8 @@ def results(tmp_path_factory):
         dict(name="zero0", stage=0),
         dict(name="zero2_naive", stage=2, naive=True),
         dict(name="zero2_resume", stage=2, steps=5, resume=2, ckpt_dir=str(tmp / "ckpt")),
+        dict(name="zero3_resume", stage=3, sub_group_size=2000, per_layer=True, steps=4, resume=2,
+             ckpt_dir=str(tmp / "ckpt3")),
     ]
     return _spawn(cases, tmp)
 
@@ -94,11 +96,13 @@ def test_deepspeed_fragment_links_see_am_state(results):
     assert results["zero1"]["linked_exp_avg_finite"]
 
 
-def test_resume_on_same_world_size_continues_identically(results):
-    res = results["zero2_resume"]
+@pytest.mark.parametrize("name", ["zero2_resume", "zero3_resume"])
+def test_resume_on_same_world_size_continues_identically(results, name):
+    res = results[name]
     assert res["client_state"]["step"] == 2 and res["client_state"]["sampler"] == {"pos": 16}
     assert res["rng_restored"]
     cont, resumed = res["continuous"], res["resumed"]
+    assert len(resumed["loss"]) >= 2
     # the continuation after loading equals the run that never stopped (π, prev lr, moments restored)
     assert resumed["loss"] == cont["loss"][2:]
     for a, b in zip(resumed["beta"], cont["beta"][2:]):
