@@ -36,6 +36,7 @@ def results(tmp_path_factory, ckpt):
     two = _spawn([dict(name="fsdp2", backend="fsdp2", steps=STEPS),
                   dict(name="fsdp2_per_layer", backend="fsdp2", steps=STEPS, per_layer=True),
                   dict(name="fsdp2_save", backend="fsdp2", steps=2, per_layer=True, save=str(ckpt)),
+                  dict(name="fsdp2_bf16", backend="fsdp2", steps=2, precision="bf16"),
                   dict(name="ddp", backend="ddp", steps=STEPS),
                   dict(name="ddp_double_reduce", backend="ddp", steps=STEPS, double_reduce=True)], tmp, world=2)
     # the run saved on 2 ranks resumes on 1 (FSDP2 over a 1-rank mesh: DCP reshards)
@@ -68,6 +69,19 @@ def test_two_ranks_match_one_process(results, oracle, name, per_layer):
         assert all(c == [5 * n_layers] for c in res["opt_all_reduces"]), res["opt_all_reduces"]
     if per_layer:
         assert any((b < 0.85).any() for b in ref["beta"])
+
+
+def test_fsdp2_bf16_mixed_precision(results, oracle):
+    """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 shards, bf16 compute. Bound
+    as for DeepSpeed bf16: the sums of step 1 (same fp32 weights, bf16 gradients) to 2e-3 of
+    their largest entry, β of step 2 to 0.01, losses to 2%."""
+    res, ref = results["fsdp2_bf16"], oracle[False]
+    assert res["param_type"] == "DTensor"
+    err = ((res["sums"][0] - ref["sums"][0]).abs().max() / ref["sums"][0].abs().max()).item()
+    assert err < 2e-3, err
+    torch.testing.assert_close(res["beta"][1], ref["beta"][1], rtol=0, atol=0.01)
+    torch.testing.assert_close(torch.tensor(res["loss"]), torch.tensor(ref["loss"][:2]), rtol=2e-2, atol=0)
+    assert res["loss"] != pytest.approx(ref["loss"][:2], rel=1e-6)  # it did compute in bf16
 
 
 def test_ddp_does_not_reduce_and_reducing_would_double_count(results, oracle):

@@ -16,7 +16,7 @@ def build(case: dict, world: int):
     if case["backend"] == "fsdp2":
         from amllm.parallel.fsdp import apply_fsdp2
 
-        apply_fsdp2(model, "fp32")
+        apply_fsdp2(model, case.get("precision", "fp32"))
         reducer = None  # automatic over the DTensor mesh
     else:
         if world > 1:
