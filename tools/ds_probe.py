@@ -9,7 +9,6 @@ DeepSpeed copies fp32 -> bit16 relative to the call.
 """
 import argparse
 import os
-import sys
 
 import torch
 import torch.multiprocessing as mp

@@ -124,25 +124,12 @@ def validate_ds_config(ds_json: dict | str | os.PathLike, cfg: Config, world_siz
 # ---------------------------------------------------------------------------------------
 
 
-def _layer_ids(am: torch.optim.Optimizer) -> tuple[dict[int, int], int]:
-    """id(param) -> β layer, numbered as the AM optimizer numbers its own layers.
-
-    Global variant: everything is layer 0. ``per_layer``: one layer per parameter tensor, in
-    param-group order, or one per group with ``layer_per_group=True`` (AMOptimizerBase's rule),
-    so that ``last_beta[k]`` means the same layer as in a single-process run.
-    """
-    if not am.defaults.get("per_layer", False):
-        return {id(p): 0 for g in am.param_groups for p in g["params"]}, 1
-    out, n = {}, 0
-    for g in am.param_groups:
-        if g.get("layer_per_group", False):
-            out.update((id(p), n) for p in g["params"])
-            n += 1
-        else:
-            for p in g["params"]:
-                out[id(p)] = n
-                n += 1
-    return out, max(n, 1)
+def _layer_ids(am: AMOptimizerBase) -> tuple[dict[int, int], int]:
+    """id(param) -> β layer, as the AM optimizer numbers its own layers (global: all 0; per_layer:
+    per tensor, or per group with ``layer_per_group``), so that ``last_beta[k]`` means the same
+    layer as in a single-process run. Every rank gets the same numbering."""
+    layers, n_layers = am._layers()
+    return {id(p): layer for p, layer in layers.items()}, n_layers
 
 
 class _Shard:
@@ -209,8 +196,8 @@ class ZeroAMAdapter(torch.optim.Optimizer):
     Built around an AM optimizer over the model's parameters (the ``template``: its class, its
     hyper-parameters, its param groups). DeepSpeed rewrites this adapter's param groups to its
     flat shards; :meth:`bind` then builds ``self.am``, an optimizer of the template's class over
-    those shards with ``reducer`` = the data-parallel group (and the element→layer map when
-    ``per_layer``). Use ``self.am`` for ``last_beta`` / ``fallback_count``; learning rates are
+    those shards (per-layer: over views of them, one per parameter fragment) with ``reducer`` =
+    the data-parallel group. Use ``self.am`` for ``last_beta`` / ``fallback_count``; learning rates are
     set on this adapter's (= DeepSpeed's) param groups and copied to ``self.am`` at each step.
     """
 
