@@ -58,13 +58,14 @@ def eval_batch() -> torch.Tensor:
     return global_batch(10_000)
 
 
-def reference_run(n_steps: int, per_layer: bool, dtype=torch.float32) -> dict:
+def reference_run(n_steps: int, per_layer: bool, dtype=torch.float32, one_group: bool = False) -> dict:
     """One process, the whole global batch, plain AMAdamW: the oracle."""
     from amllm.optim import AMAdamW
 
     torch.set_num_threads(1)
     model = tiny_llama().to(dtype)
-    opt = AMAdamW(param_groups(model), lr=LRS[0], betas=(0.9, 0.99), per_layer=per_layer)
+    groups = model.parameters() if one_group else param_groups(model)
+    opt = AMAdamW(groups, lr=LRS[0], betas=(0.9, 0.99), per_layer=per_layer)
     out = {"loss": [], "beta": [], "sums": [], "eval_loss": []}
     for step in range(n_steps):
         for g in opt.param_groups:

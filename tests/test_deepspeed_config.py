@@ -123,3 +123,11 @@ def test_deepspeed_cli_launch_reproduces_one_process(tmp_path):
     assert res["world"] == 2 and res["engine_optimizer"] == "DeepSpeedZeroOptimizer"
     torch.testing.assert_close(torch.tensor(res["loss"]), torch.tensor(ref["loss"]), rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(res["beta"]).double(), torch.stack(ref["beta"]), rtol=2e-5, atol=1e-6)
+
+
+def test_optimizer_offload_allows_the_client_optimizer():
+    zero = {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    assert validate_ds_config({"zero_optimization": zero}, cfg(), 2)["zero_force_ds_cpu_optimizer"] is False
+    with pytest.raises(ConfigError, match=r"zero_force_ds_cpu_optimizer=true rejects AM-AdamW"):
+        validate_ds_config({"zero_optimization": zero, "zero_force_ds_cpu_optimizer": True}, cfg(), 2)
+    assert "zero_force_ds_cpu_optimizer" not in validate_ds_config({"zero_optimization": {"stage": 2}}, cfg(), 2)

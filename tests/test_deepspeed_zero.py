@@ -6,6 +6,8 @@ two param groups (ZeRO-1/2 call the optimizer once per group) and, for ZeRO-3, a
 ``sub_group_size`` that makes several sub-groups (one call per sub-group). A per-group β would
 differ from the oracle's global β; so would a β that counts padding garbage.
 """
+import re
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -38,6 +40,8 @@ def results(tmp_path_factory):
         dict(name="zero3_per_layer", stage=3, sub_group_size=2000, per_layer=True),
         dict(name="zero0", stage=0),
         dict(name="zero2_naive", stage=2, naive=True),
+        dict(name="zero2_offload_one_group", stage=2, offload=True, one_group=True),
+        dict(name="zero2_offload_two_groups", stage=2, offload=True, expect_error=True),
         dict(name="zero2_resume", stage=2, steps=5, resume=2, ckpt_dir=str(tmp / "ckpt")),
         dict(name="zero3_resume", stage=3, sub_group_size=2000, per_layer=True, steps=4, resume=2,
              ckpt_dir=str(tmp / "ckpt3")),
@@ -47,7 +51,8 @@ def results(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oracle():
-    return {False: reference_run(STEPS + 1, per_layer=False), True: reference_run(STEPS, per_layer=True)}
+    return {False: reference_run(STEPS + 1, per_layer=False), True: reference_run(STEPS, per_layer=True),
+            "one_group": reference_run(STEPS, per_layer=False, one_group=True)}
 
 
 def _assert_matches(res, ref, n, **tol):
@@ -83,6 +88,15 @@ def test_naive_client_optimizer_gives_a_per_group_beta(results, oracle):
     res, ref = results["zero2_naive"], oracle[False]
     with pytest.raises(AssertionError):
         _assert_matches(res, ref, STEPS, **FP32)
+
+
+def test_optimizer_offload(results, oracle):
+    """CPU offload: exact with one param group (one call per engine step); refused with several,
+    naming the settings to change (the deferred groups' bit16 copy goes through offload buffers)."""
+    res = results["zero2_offload_one_group"]
+    _assert_matches(res, oracle["one_group"], STEPS, **FP32)
+    assert re.match(r"ConfigError: AM-AdamW with ZeRO optimizer offload/NVMe needs a single param group.*"
+                    r"offload_optimizer\.device=none", results["zero2_offload_two_groups"]["error"])
 
 
 def test_zero3_padding_garbage_is_masked(results, oracle):

@@ -74,7 +74,8 @@ def validate_ds_config(ds_json: dict | str | os.PathLike, cfg: Config, world_siz
     ``gradient_accumulation_steps`` = batch / (micro x world), ``gradient_clipping`` =
     ``optim.grad_clip``, ``bf16.enabled`` = ``train.precision == "bf16"``. A key that is absent
     or ``"auto"`` is filled in; a value that disagrees raises :class:`ConfigError`.
-    ``zero_allow_untested_optimizer`` is set (AM-AdamW is a client optimizer).
+    ``zero_allow_untested_optimizer`` is set, and ``zero_force_ds_cpu_optimizer`` is cleared under
+    optimizer offload (AM-AdamW is a client optimizer).
     """
     if not isinstance(ds_json, dict):
         path = Path(ds_json)
@@ -116,6 +117,12 @@ def validate_ds_config(ds_json: dict | str | os.PathLike, cfg: Config, world_siz
     if ds.get("zero_allow_untested_optimizer") is False:
         raise ConfigError("DeepSpeed config zero_allow_untested_optimizer=false rejects AM-AdamW; set it to true")
     ds["zero_allow_untested_optimizer"] = True
+    if (zero.get("offload_optimizer") or {}).get("device", "none") != "none":
+        # DeepSpeed refuses client optimizers under offload unless told otherwise; ours is always one
+        if ds.get("zero_force_ds_cpu_optimizer") is True:
+            raise ConfigError("DeepSpeed config zero_force_ds_cpu_optimizer=true rejects AM-AdamW under "
+                              "offload_optimizer; set it to false or remove it")
+        ds["zero_force_ds_cpu_optimizer"] = False
     return ds
 
 
