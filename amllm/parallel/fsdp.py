@@ -1,0 +1,130 @@
+"""FSDP2 (``fully_shard``) for the trainer, and DCP checkpoints that reshard N ranks -> M ranks.
+
+AM optimizers need nothing FSDP-specific: built over the sharded model's parameters (DTensors)
+with ``reducer=None``, they sum their partial statistics over the local shards and all-reduce
+them once over the mesh dimension the parameters are sharded on (``amllm.optim.reduce``).
+FSDP2 shards every parameter evenly on dim 0 (padding is internal to FSDP and not visible in
+``to_local()``), so the global β is exact.
+
+Checkpoints use ``torch.distributed.checkpoint`` (DCP): every rank writes its own shards, and a
+run saved on N ranks loads on M ranks (FSDP2 or not), because DCP stores global tensor metadata.
+The AM β state (π, last β, β step, fallback count -- replicated, identical on every rank) is
+not part of torch's distributed optimizer state dict, which keeps only per-parameter state and
+param groups; it is saved beside it under ``"am_state"`` and restored after the optimizer load
+(which runs a zero-lr warm-up step on a fresh optimizer that would otherwise leave its β state
+advanced by one step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformers decoder (``model.model.layers`` for LLaMA)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks"):
+            return list(module)
+    raise ValueError(f"{type(model).__name__} has no ModuleList of transformer blocks (layers/h/blocks)")
+
+
+def mixed_precision_policy(precision: str):
+    """bf16: compute in bf16 from fp32 shards, reduce gradients in fp32. fp32 / bf16_pure: none."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if precision == "bf16_pure":  # weights already bf16; still sum gradients over ranks in fp32
+        return MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_fsdp2(model: nn.Module, precision: str = "fp32", mesh=None, reshard_after_forward: bool = True) -> nn.Module:
+    """``fully_shard`` each transformer block, then the root (embeddings, final norm, lm head).
+
+    Call after moving the model to its device (and casting it for ``bf16_pure``) and before
+    building the optimizer. ``mesh``: a 1-D DeviceMesh (default: all ranks, on the model's
+    device type, so CUDA/NCCL and CPU/gloo both work).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if mesh is None:
+        import torch.distributed as dist
+
+        device_type = next(model.parameters()).device.type
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mp = mixed_precision_policy(precision)
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def _am_state(optimizer) -> Optional[dict]:
+    return optimizer.state_dict().get("am_state") if optimizer is not None else None
+
+
+def save_dcp(path: str | os.PathLike, model: nn.Module, optimizer=None, extra: Optional[dict] = None) -> None:
+    """Save model, optimizer (incl. AM β state and per-group ``prev_lr``) and ``extra`` with DCP.
+
+    Every rank must call it. ``extra``: the trainer's small JSON-serialisable state (step, sampler
+    position, tokens seen); saved once. ``path`` is a directory.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        am = _am_state(optimizer)
+        if am is not None:
+            state["am_state"] = am
+    if extra is not None:
+        state["extra"] = json.dumps(extra)  # one leaf: DCP would flatten a dict into keys to know at load
+    dcp.save(state, checkpoint_id=str(path))
+
+
+def load_dcp(path: str | os.PathLike, model: nn.Module, optimizer=None) -> dict:
+    """Load a :func:`save_dcp` checkpoint into ``model`` / ``optimizer`` on any world size.
+
+    Returns ``extra`` (``{}`` when none was saved). ``model`` must already be wrapped the way it
+    will train (``apply_fsdp2`` or not) and ``optimizer`` built over its parameters.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
+
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    has = {k.split(".", 1)[0] for k in meta}
+    if optimizer is None:
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    else:
+        if "optim" not in has:
+            raise ValueError(f"{path} holds no optimizer state; load it with optimizer=None (weights only)")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        am = _am_state(optimizer)
+        if am is not None and "am_state" in has:
+            state["am_state"] = am  # fresh tensors of the right shapes, filled in place by DCP
+    if "extra" in has:
+        state["extra"] = ""  # replaced by the saved string
+    dcp.load(state, checkpoint_id=str(path))
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if "am_state" in state:
+            sd = optimizer.state_dict()
+            sd["am_state"] = state["am_state"]
+            optimizer.load_state_dict(sd)
+    return json.loads(state["extra"]) if "extra" in state else {}
