@@ -32,8 +32,9 @@ from amllm.data import BatchSampler, DataError, load_shards, load_tokenizer, pre
 from amllm.evaluate import evaluate
 from amllm.metrics import MetricsLogger, beta_stats
 from amllm.model import build_model, config_fingerprint, count_params, flops_per_token, load_llama_config, lm_loss
-from amllm.optim_factory import build_optimizer, last_beta
+from amllm.optim_factory import last_beta
 from amllm.parallel import distributed as D
+from amllm.parallel.backend import check_resumable, make_backend
 from amllm.schedule import lr_at
 
 
@@ -52,15 +53,15 @@ def main(argv=None) -> int:
     total_steps = cfg.total_steps()
 
     # ---- processes, devices, precision -------------------------------------------------------
-    info = D.init_distributed(cfg.train.device)
+    info = D.init_distributed(cfg.train.device, deepspeed=cfg.parallel.backend == "deepspeed")
     device, is_main = info.device, info.is_main
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if device.type == "cuda" and cfg.train.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
-                else contextlib.nullcontext())
+    backend = make_backend(cfg, info)  # ddp (also 1 process) | fsdp2 | deepspeed: amllm/parallel/backend.py
+    autocast = backend.autocast()
 
     run_dir = Path(cfg.run_dir)
     faults.check_output_dir(run_dir)  # nothing is written into run_dir until every input is validated
@@ -86,13 +87,10 @@ def main(argv=None) -> int:
     if cfg.train.precision == "bf16_pure":
         model = model.to(torch.bfloat16)  # the paper's harness: bf16 weights; AM statistics stay fp32
     model = model.to(device)
-    raw_model = model
-    model = D.wrap_ddp(model, info)
+    backend.setup(model)  # wraps the model (DDP / fully_shard / DeepSpeed engine), builds the optimizer
+    model, optimizer = backend.model, backend.am_optimizer
     if cfg.train.compile:
         model = torch.compile(model)
-    # Under DDP every rank holds the full averaged gradient: AM statistics need no reduction.
-    optimizer = build_optimizer(cfg.optim, raw_model.parameters(), device, reducer=None)
-    params = [p for p in raw_model.parameters() if p.requires_grad]
 
     # ---- resume ------------------------------------------------------------------------------------
     meta_now = {"model_fingerprint": config_fingerprint(hf_config), "model": cfg.model.name,
@@ -102,8 +100,8 @@ def main(argv=None) -> int:
     start_step, tokens_seen, wandb_id, skipped = 0, 0, None, 0
     resume_from = find_resume(cfg, run_dir, meta_now)
     if resume_from is not None:
-        trainer_state = load_checkpoint(resume_from, raw_model, optimizer, device, cfg.optim.name,
-                                        cfg.checkpoint.allow_changes)
+        check_resumable(ckpt.read_meta(resume_from), backend, info.world_size, resume_from)
+        trainer_state = load_checkpoint(resume_from, backend, optimizer, cfg.optim.name, cfg.checkpoint.allow_changes)
         start_step, tokens_seen = trainer_state["step"], trainer_state["tokens"]
         skipped = trainer_state.get("skipped_steps", 0)
         if "data" in cfg.checkpoint.allow_changes:
@@ -121,14 +119,14 @@ def main(argv=None) -> int:
         if resume_from is None:
             raise ckpt.CheckpointError(f"--eval-only: no complete step-N/ checkpoint in {run_dir} "
                                        f"(or checkpoint.resume=never); train first or give checkpoint.resume=PATH")
-        result = evaluate(model, val, device, autocast)
+        result = evaluate(model, val, device, autocast, lockstep=backend.lockstep_eval)
         if is_main:
             print(f"step {start_step}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
                   f"({result['val_tokens']:,} tokens)")
         D.cleanup()
         return 0
 
-    faults.claim_run_dir(cfg, run_dir, is_main, faults.checkpoint_bytes(raw_model, cfg.optim.name))
+    faults.claim_run_dir(cfg, run_dir, is_main, faults.checkpoint_bytes(backend.raw_model, cfg.optim.name))
     logger = MetricsLogger(run_dir, is_main, cfg.to_dict(), resume_step=start_step if resume_from else None,
                            wandb_mode=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
                            run_name=cfg.log.run_name or run_dir.name, wandb_id=wandb_id)
@@ -147,13 +145,12 @@ def main(argv=None) -> int:
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
 
         def write(tmp: Path) -> None:
+            model_state, optim_state = backend.state_for_check() if is_main else ({}, {})
+            faults.check_finite_state(model_state, "parameter", step)  # never a NaN in a checkpoint
+            faults.check_finite_state(optim_state, "optimizer state", step)
+            backend.write(tmp, model_state or None, optim_state or None)  # every rank: sharded backends
             if is_main:
-                model_state, optim_state = raw_model.state_dict(), optimizer.state_dict()
-                faults.check_finite_state(model_state, "parameter", step)  # never a NaN in a checkpoint
-                faults.check_finite_state(optim_state, "optimizer state", step)
-                ckpt.save_torch(model_state, tmp / "model.pt")
                 ckpt.test_pause("after-model.pt", run_dir, step)
-                ckpt.save_torch(optim_state, tmp / "optimizer.pt")
                 ckpt.save_torch(state, tmp / "trainer.pt")
                 save_config(cfg, tmp / "config.yaml")
 
@@ -168,27 +165,22 @@ def main(argv=None) -> int:
     t_last, last_logged = time.perf_counter(), start_step
     for step in range(start_step, total_steps):
         lr = lr_at(step, cfg.optim.lr, total_steps, cfg.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        backend.set_lr(lr)
 
-        # forward/backward over this rank's micro-batches; DDP syncs gradients on the last one only
+        # forward/backward over this rank's micro-batches; gradients are synced on the last one only
         loss_sum = torch.zeros((), device=device)
         micro_batches = sampler.next_batch()
         faults.crash_hook(step + 1, info.rank, run_dir)  # test hook (a lost rank); no-op unless set
         for i, (x, y) in enumerate(micro_batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = i == accum - 1 or not info.distributed
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+            with backend.micro_step(last=i == accum - 1), autocast:
                 loss = faults.poison_loss(lm_loss(model(input_ids=x).logits, y), step + 1, info.rank)  # test hook
-            (loss / accum).backward()
+            backend.backward(loss, accum)
             loss_sum += loss.detach()
 
-        # global-norm clipping (norm computed either way, for logging), then the update
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if not guard.skip(step + 1, loss_sum, grad_norm):  # same verdict on every rank
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # global-norm clipping (norm measured either way, for logging), then the update
+        grad_norm = backend.clip_and_norm(cfg.optim.grad_clip)
+        backend.step(apply=not guard.skip(step + 1, loss_sum, grad_norm))  # same verdict on every rank
         tokens_seen += tokens_per_step
         done = step + 1
 
@@ -199,7 +191,8 @@ def main(argv=None) -> int:
             tps = tokens_per_step * (done - last_logged) / (now - t_last)
             t_last, last_logged = now, done
             rec = {"kind": "train", "step": done, "tokens": tokens_seen, "loss": loss_val, "lr": lr,
-                   "grad_norm": grad_norm.item(), **beta_stats(last_beta(optimizer)),
+                   "grad_norm": backend.grad_norm() if hasattr(backend, "grad_norm") else grad_norm.item(),
+                   **beta_stats(last_beta(optimizer)),
                    "tokens_per_s": tps, "tflops": tps * flops_tok / 1e12, "skipped_steps": guard.skipped,
                    "time": time.time()}
             fallbacks = getattr(optimizer, "fallback_count", None)
@@ -210,7 +203,7 @@ def main(argv=None) -> int:
 
         last = done == total_steps
         if (cfg.eval.every and done % cfg.eval.every == 0) or last:
-            result = evaluate(model, val, device, autocast)
+            result = evaluate(model, val, device, autocast, lockstep=backend.lockstep_eval)
             logger.log({"kind": "eval", "step": done, "tokens": tokens_seen, **result, "time": time.time()})
             progress.write(f"step {done}: val_loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.1f})")
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last:
@@ -287,13 +280,16 @@ def find_resume(cfg, run_dir: Path, meta_now: dict) -> Path | None:
     return found
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    device: torch.device, optim_name: str, allow=()) -> dict:
-    model.load_state_dict(ckpt.load_torch(path / "model.pt", map_location=device))
-    if ckpt.read_meta(path).get("optimizer", optim_name) == optim_name:  # else allowed: a fresh optimizer state
-        state = ckpt.load_torch(path / "optimizer.pt", map_location=device)
-        for note in ckpt.load_optimizer_state(optimizer, state, allow, path / "optimizer.pt"):
-            faults.say(f"[checkpoint] {note}")
+def load_checkpoint(path: Path, backend, optimizer: torch.optim.Optimizer, optim_name: str, allow=()) -> dict:
+    """Model and optimizer through the backend (its own file layout), then the trainer state."""
+    same_optimizer = ckpt.read_meta(path).get("optimizer", optim_name) == optim_name
+
+    def load_optimizer(state: dict) -> None:
+        if same_optimizer:  # else allowed by checkpoint.allow_changes: a fresh optimizer state
+            for note in ckpt.load_optimizer_state(optimizer, state, allow, path / "optimizer.pt"):
+                faults.say(f"[checkpoint] {note}")
+
+    backend.read(path, load_optimizer)
     return ckpt.load_torch(path / "trainer.pt")
 
 

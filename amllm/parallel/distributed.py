@@ -40,12 +40,28 @@ def pick_device(pref: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_pref: str = "auto", timeout_s: int = 1800) -> DistInfo:
-    """Join the process group the launcher described (or none for a plain process)."""
+def init_distributed(device_pref: str = "auto", timeout_s: int = 1800, deepspeed: bool = False) -> DistInfo:
+    """Join the process group the launcher described (or none for a plain process).
+
+    deepspeed: join through `deepspeed.init_distributed` (its communication layer wraps the same
+    torch process group; on CPU it also builds its shared-memory op once), even for one process,
+    since the engine expects it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_pref, local_rank)
+    if deepspeed and not dist.is_initialized():
+        try:
+            import deepspeed as ds
+        except ImportError:
+            raise RuntimeError("parallel.backend=deepspeed needs DeepSpeed: pip install 'amllm[deepspeed]'") from None
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # a plain `python train.py` (1 process)
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        ds.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
