@@ -220,6 +220,7 @@ class ZeroAMAdapter(torch.optim.Optimizer):
         #: Test-only hook (not a user option): False steps at every DeepSpeed call with the shards
         #: shown, i.e. a per-group β -- the negative control of the exactness tests.
         self._defer = True
+        self._relink = True
         groups = [{**{k: v for k, v in g.items() if k not in ("params", "prev_lr")}, "params": list(g["params"])}
                   for g in template.param_groups]
         super().__init__(groups, dict(template.defaults))
@@ -324,9 +325,11 @@ class ZeroAMAdapter(torch.optim.Optimizer):
         for s in self._shards:
             if id(s.flat) not in now and s.refresh is not None:
                 s.refresh()  # DeepSpeed took this shard's bit16 copy before the update
-        if hasattr(self._ds_opt, "_hp_optimizer_states_linked"):
-            # DeepSpeed linked fragment views to the (then empty) state after its first call; relink
+        if self._relink and hasattr(self._ds_opt, "_hp_optimizer_states_linked"):
+            # DeepSpeed linked its fragment views to the state after its first call, when the state
+            # was still empty (deferred) or since replaced (checkpoint load): let it link once more
             self._ds_opt._hp_optimizer_states_linked = False
+            self._relink = False
         return None
 
     def state_dict(self) -> dict:
@@ -334,6 +337,7 @@ class ZeroAMAdapter(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.am.load_state_dict(state_dict)
+        self._relink = True  # the state tensors are new
 
 
 # ---------------------------------------------------------------------------------------
