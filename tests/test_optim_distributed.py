@@ -8,23 +8,17 @@ style), both with a ProcessGroup reducer; FSDP2 ``fully_shard`` DTensor params
 """
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from amllm.optim import AMSGD, AMAdamW
+from tests.dist_cases import free_port
 
 SHAPES = [(6, 8), (6,), (3, 6), (3,)]  # the tiny MLP below: Linear(8,6), Linear(6,3)
 STEPS = 8
 TOL = dict(rtol=2e-5, atol=2e-6)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _problem():
@@ -182,4 +176,4 @@ def _worker(rank, world, port):
 
 @pytest.mark.slow
 def test_sharded_equivalence_two_ranks():
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port()), nprocs=2, join=True)

@@ -19,6 +19,7 @@ from amllm import checkpoint as ckpt  # noqa: E402
 from amllm.config import ConfigError, load_config  # noqa: E402
 from amllm.data import DataError, load_tokenizer  # noqa: E402
 from amllm.model import build_model, load_llama_config  # noqa: E402
+from amllm.parallel.backend import full_model_state  # noqa: E402
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -37,7 +38,7 @@ def export(src: Path, out: Path) -> Path:
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.data_dir)
     hf_config = load_llama_config(cfg.model, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id)
     model = build_model(hf_config)
-    model.load_state_dict(ckpt.load_torch(step / "model.pt"))
+    model.load_state_dict(full_model_state(step))  # model.pt, FSDP2's dcp/ or DeepSpeed's shards
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_hf(out)

@@ -233,3 +233,25 @@ def check_resumable(meta: dict, backend: Backend, world_size: int, path: Path) -
                               f"resumes only on the same world size: launch {meta.get('world_size')} ranks")
     if saved == "ddp" and meta.get("world_size") != world_size and backend.name != "ddp":
         raise CheckpointError(f"{path}: cannot reshard a {saved} checkpoint for {backend.name}")
+
+
+def full_model_state(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole model state dict of a checkpoint, in one process, whatever backend wrote it:
+    model.pt (DDP), dcp/ (FSDP2: torch's DCP-to-torch converter), deepspeed/ (ZeRO's fp32 merge)."""
+    step_dir = Path(step_dir)
+    if (step_dir / "model.pt").is_file():
+        return load_torch(step_dir / "model.pt")
+    if (step_dir / "dcp").is_dir():
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(step_dir / "dcp", Path(tmp) / "full.pt")
+            return load_torch(Path(tmp) / "full.pt")["model"]
+    if (step_dir / "deepspeed").is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="deepspeed")
+        return {k: v.contiguous() for k, v in state.items()}
+    raise CheckpointError(f"{step_dir}: no model.pt, dcp/ or deepspeed/ inside; not an amllm checkpoint")

@@ -333,6 +333,12 @@ class ZeroAMAdapter(torch.optim.Optimizer):
         return None
 
     def state_dict(self) -> dict:
+        # DeepSpeed's fragment linking reads `state[flat]`; on the defaultdict this plants an empty
+        # entry for a tensor that per-layer `self.am` does not own (it steps views of the flat),
+        # which torch's state_dict cannot map. Drop those empty foreign entries before saving.
+        owned = {id(p) for g in self.am.param_groups for p in g["params"]}
+        for key in [k for k, v in self.am.state.items() if id(k) not in owned and not v]:
+            del self.am.state[key]
         return self.am.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
