@@ -8,5 +8,8 @@ PY=${PYTHON:-python}
 OUT=${OUT:-runs/study}
 "$PY" tools/sweep.py --grid configs/cpu/study_grid.yaml --out "$OUT" --jobs "${JOBS:-2}"
 mkdir -p docs/study
-"$PY" tools/plot.py "$OUT" --out docs/study --smooth 10
-"$PY" tools/summarize.py "$OUT" --paper --out docs/study/results.md
+"$PY" tools/summarize.py "$OUT" --paper --out docs/study/results.md      # every run
+for lr in 1e-3 3e-2; do                                                 # one learning rate at a time
+  "$PY" tools/summarize.py "$OUT/*-lr$lr-*" --out "docs/study/results_lr$lr.md"
+  "$PY" tools/plot.py "$OUT/*-lr$lr-*" --out "docs/study/lr$lr" --smooth 10
+done
