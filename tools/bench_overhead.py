@@ -82,15 +82,15 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    rows = [bench(m, a.batch, a.seq, a.iters, a.warmup, a.rounds, device, a.impl) for m in a.models]
     print(f"{device.type}, {torch.get_num_threads()} threads, fp32, batch {a.batch} x {a.seq}, vocab 32000, "
-          f"optim.impl={a.impl}; median of {rows[0]['n']} iterations per optimizer "
+          f"optim.impl={a.impl}; median of {a.rounds * a.iters} iterations per optimizer "
           f"({a.rounds} interleaved rounds x {a.iters}, {a.warmup} warm-up dropped per round)\n")
     print("| model | params | AdamW s/iter | AM-AdamW s/iter | overhead |")
-    print("|---|---|---|---|---|")
-    for r in rows:
+    print("|---|---|---|---|---|", flush=True)
+    for m in a.models:  # a row as soon as it is measured: the larger models take minutes on a CPU
+        r = bench(m, a.batch, a.seq, a.iters, a.warmup, a.rounds, device, a.impl)
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['adamw']:.3f} | {r['am_adamw']:.3f} | "
-              f"{r['overhead']:+.1f}% |")
+              f"{r['overhead']:+.1f}% |", flush=True)
     return 0
 
 
