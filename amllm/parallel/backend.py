@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load_torch, save_torch
+from .. import checkpoint as ckpt
+from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError
 from ..optim_factory import build_optimizer
 from .distributed import DistInfo, wrap_ddp
@@ -91,8 +92,8 @@ class Backend:
 
     def write(self, tmp: Path, model_state: dict | None = None, optim_state: dict | None = None) -> None:
         if self.info.is_main:
-            save_torch(model_state if model_state is not None else self.raw_model.state_dict(), tmp / "model.pt")
-            save_torch(optim_state if optim_state is not None else self.optimizer.state_dict(), tmp / "optimizer.pt")
+            ckpt.save_torch(model_state if model_state is not None else self.raw_model.state_dict(), tmp / "model.pt")
+            ckpt.save_torch(optim_state if optim_state is not None else self.optimizer.state_dict(), tmp / "optimizer.pt")
 
     def read(self, path: Path, load_optimizer) -> None:
         """Load a checkpoint's model and (through `load_optimizer(state)`, which checks the
@@ -102,8 +103,8 @@ class Backend:
 
             load_dcp(path / "dcp", self.raw_model, self.optimizer)
             return
-        self.raw_model.load_state_dict(load_torch(path / "model.pt", map_location=self.info.device))
-        load_optimizer(load_torch(path / "optimizer.pt", map_location=self.info.device))
+        self.raw_model.load_state_dict(ckpt.load_torch(path / "model.pt", map_location=self.info.device))
+        load_optimizer(ckpt.load_torch(path / "optimizer.pt", map_location=self.info.device))
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -240,7 +241,7 @@ def full_model_state(step_dir: Path) -> dict[str, torch.Tensor]:
     model.pt (DDP), dcp/ (FSDP2: torch's DCP-to-torch converter), deepspeed/ (ZeRO's fp32 merge)."""
     step_dir = Path(step_dir)
     if (step_dir / "model.pt").is_file():
-        return load_torch(step_dir / "model.pt")
+        return ckpt.load_torch(step_dir / "model.pt")
     if (step_dir / "dcp").is_dir():
         import tempfile
 
@@ -248,7 +249,7 @@ def full_model_state(step_dir: Path) -> dict[str, torch.Tensor]:
 
         with tempfile.TemporaryDirectory() as tmp:
             dcp_to_torch_save(step_dir / "dcp", Path(tmp) / "full.pt")
-            return load_torch(Path(tmp) / "full.pt")["model"]
+            return ckpt.load_torch(Path(tmp) / "full.pt")["model"]
     if (step_dir / "deepspeed").is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
