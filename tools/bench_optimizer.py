@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from amllm.optim import AMAdamW
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from amllm.optim import AMAdamW  # noqa: E402
 
 
 def llama20m_shapes(vocab=32000, hidden=256, inter=688, layers=4):
