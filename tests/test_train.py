@@ -231,11 +231,14 @@ def test_wandb_offline_resume_keeps_the_run_id(train_overrides, tmp_path, monkey
 
 
 def _deepspeed(overrides: list[str], env_extra=None) -> subprocess.CompletedProcess:
-    exe = str(Path(sys.executable).parent / "deepspeed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    """The `deepspeed` CLI through launch/deepspeed_multinode.sh (no hostfile: 2 local ranks)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUM_GPUS": "2", "MASTER_PORT": str(free_port()),
+           "DS_CONFIG": "configs/deepspeed/zero2_fp32.json",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(env_extra or {})}
+    env.pop("HOSTFILE", None)
     # the first DeepSpeed start on CPU JIT-builds a small op (~60 s); build it once per checkout
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
-    return subprocess.run([exe, "--num_gpus", "2", "--master_port", str(free_port()), "train.py", *overrides],
+    return subprocess.run(["bash", "launch/deepspeed_multinode.sh", *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -259,13 +262,13 @@ def test_fsdp2_via_torchrun_matches_one_process_and_resumes_on_one(train_overrid
 @pytest.mark.slow
 @pytest.mark.deepspeed
 def test_deepspeed_cli_zero2_matches_one_process_and_resumes(train_overrides, tmp_path):
-    """`deepspeed --num_gpus 2 train.py ... parallel.backend=deepspeed` (ZeRO-2, per-layer β):
+    """`deepspeed --num_gpus 2 train.py ... parallel.backend=deepspeed` via launch/ (ZeRO-2, per-layer β):
     the same losses and β as 1 process; stopped at step 4 and resumed on 2 ranks, it continues."""
     pytest.importorskip("deepspeed")
     one, two = tmp_path / "one", tmp_path / "two"
     over = {"train.micro_batch_size": 1, "optim.per_layer": True}
     assert train.main(train_overrides(one, **over)) == 0
-    ds = {**over, "parallel.backend": "deepspeed", "parallel.deepspeed_config": "configs/deepspeed/zero2_fp32.json"}
+    ds = dict(over)  # the launcher script adds parallel.backend=deepspeed and the JSON
     first = _deepspeed(train_overrides(two, **ds), {"AMLLM_TEST_STOP_AT_STEP": "4"})
     assert (two / "step-4" / "deepspeed").is_dir(), first.stdout[-3000:] + first.stderr[-3000:]
     second = _deepspeed(train_overrides(two, **ds))
