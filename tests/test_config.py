@@ -62,10 +62,18 @@ def test_bad_files(tmp_path):
         load_config(tmp_path / "loop.yaml")
 
 
-def test_every_shipped_recipe_loads():
+def test_every_shipped_recipe_and_grid_loads():
+    import subprocess
+    import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent / "configs"
-    recipes = [p for p in root.rglob("*.yaml")]
+    root = Path(__file__).resolve().parent.parent
+    grids = sorted(root.glob("configs/**/*_grid.yaml"))  # sweep grids, not recipes
+    recipes = [p for p in (root / "configs").rglob("*.yaml") if p not in grids]
+    assert len(recipes) > 40 and grids
     for p in recipes:
         load_config(p).total_steps()
+    for g in grids:  # the sweep validates every grid point's config before it would run anything
+        res = subprocess.run([sys.executable, "tools/sweep.py", "--grid", str(g), "--dry-run"], cwd=root,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
