@@ -123,8 +123,7 @@ def main(argv=None) -> int:
         if is_main:
             print(f"step {start_step}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
                   f"({result['val_tokens']:,} tokens)")
-        D.cleanup()
-        return 0
+        return D.finish(0)
 
     faults.claim_run_dir(cfg, run_dir, is_main, faults.checkpoint_bytes(backend.raw_model, cfg.optim.name))
     logger = MetricsLogger(run_dir, is_main, cfg.to_dict(), resume_step=start_step if resume_from else None,
@@ -214,16 +213,14 @@ def main(argv=None) -> int:
             logger.close()
             if is_main:
                 print(f"stopped at step {done} ({stop.why}); checkpoint saved, run the same command to resume")
-            D.cleanup()
-            return PREEMPTED_EXIT
+            return D.finish(PREEMPTED_EXIT)
 
     progress.close()
     logger.close()
     if is_main:
         (run_dir / "DONE").touch()
         print(f"done: {run_dir}")
-    D.cleanup()
-    return 0
+    return D.finish(0)
 
 
 # ---- helpers kept out of the loop's way ------------------------------------------------------------
@@ -330,9 +327,8 @@ def run_cli(argv=None) -> int:
         return main(argv)
     except (ConfigError, DataError, ckpt.CheckpointError, faults.NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
-        D.cleanup()
-        return (SAVE_FAILED_EXIT if isinstance(e, ckpt.CheckpointSaveError) else
-                NONFINITE_EXIT if isinstance(e, faults.NonFiniteError) else 2)
+        return D.finish(SAVE_FAILED_EXIT if isinstance(e, ckpt.CheckpointSaveError) else
+                        NONFINITE_EXIT if isinstance(e, faults.NonFiniteError) else 2, sync=False)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -143,3 +144,27 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish(code: int, sync: bool = True) -> int:
+    """End a run with exit status `code`: returns it in one process; in a launched multi-process
+    run, ends the process here.
+
+    Why not a normal return: when the last reference to a gloo ProcessGroup goes away (e.g. the DDP
+    reducer freed as `main` returns), its destructor joins its worker thread while holding the GIL,
+    and that thread may be waiting for the GIL to free a tensor of a finished collective -- a
+    deadlock seen after torchrun restarts. So every rank meets at a barrier (all files written),
+    destroys the group while the model still holds a reference (no destructor runs), flushes, and
+    leaves with os._exit, skipping the racing teardown. Nothing is left to do at that point.
+    sync=False (an error path, where another rank may not come to the barrier): just leave."""
+    if not is_dist():
+        cleanup()
+        return code
+    try:
+        if sync:
+            dist.barrier()
+            dist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
