@@ -77,3 +77,12 @@ def test_every_shipped_recipe_and_grid_loads():
         res = subprocess.run([sys.executable, "tools/sweep.py", "--grid", str(g), "--dry-run"], cwd=root,
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_console_entry_point_runs_train_py():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['amllm-train', '--help']; "
+                          "from amllm.cli import main; main()"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--eval-only" in res.stdout, res.stderr[-1000:]
