@@ -15,8 +15,6 @@ config.yaml, metrics.jsonl and step-N/ checkpoints; starting again with the same
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import os
 import signal
 import sys
@@ -190,7 +188,7 @@ def main(argv=None) -> int:
             tps = tokens_per_step * (done - last_logged) / (now - t_last)
             t_last, last_logged = now, done
             rec = {"kind": "train", "step": done, "tokens": tokens_seen, "loss": loss_val, "lr": lr,
-                   "grad_norm": backend.grad_norm() if hasattr(backend, "grad_norm") else grad_norm.item(),
+                   "grad_norm": backend.grad_norm(grad_norm),
                    **beta_stats(last_beta(optimizer)),
                    "tokens_per_s": tps, "tflops": tps * flops_tok / 1e12, "skipped_steps": guard.skipped,
                    "time": time.time()}

@@ -85,6 +85,10 @@ class Backend:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def grad_norm(self, measured: torch.Tensor) -> float:
+        """The step's pre-clip global gradient norm, for logging (one host sync)."""
+        return measured.item()
+
     # -- checkpoints --------------------------------------------------------------------------
     def state_for_check(self) -> tuple[dict, dict]:
         """(model, optimizer) state dicts to check for non-finite values before a save."""
@@ -196,8 +200,8 @@ class DeepSpeedBackend(Backend):
 
         dsb.set_lr(self.engine, lr)
 
-    def grad_norm(self) -> float:
-        norm = self.engine.get_global_grad_norm()
+    def grad_norm(self, measured: torch.Tensor) -> float:
+        norm = self.engine.get_global_grad_norm()  # DeepSpeed measured it inside step()
         return float(norm) if norm is not None else float("nan")
 
     def state_for_check(self) -> tuple[dict, dict]:
@@ -232,8 +236,6 @@ def check_resumable(meta: dict, backend: Backend, world_size: int, path: Path) -
     if saved == "deepspeed" and meta.get("world_size") != world_size:
         raise CheckpointError(f"{path} is a DeepSpeed checkpoint of {meta.get('world_size')} ranks; DeepSpeed "
                               f"resumes only on the same world size: launch {meta.get('world_size')} ranks")
-    if saved == "ddp" and meta.get("world_size") != world_size and backend.name != "ddp":
-        raise CheckpointError(f"{path}: cannot reshard a {saved} checkpoint for {backend.name}")
 
 
 def full_model_state(step_dir: Path) -> dict[str, torch.Tensor]:
