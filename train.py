@@ -177,7 +177,8 @@ def main(argv=None) -> int:
 
         # global-norm clipping (norm measured either way, for logging), then the update
         grad_norm = backend.clip_and_norm(cfg.optim.grad_clip)
-        backend.step(apply=not guard.skip(step + 1, loss_sum, grad_norm))  # same verdict on every rank
+        # one all-reduce decides, the same on every rank: skip a non-finite step? stop after this step?
+        backend.step(apply=not guard.skip(step + 1, loss_sum, grad_norm, stop=stop.requested(step + 1)))
         tokens_seen += tokens_per_step
         done = step + 1
 
@@ -205,12 +206,12 @@ def main(argv=None) -> int:
             progress.write(f"step {done}: val_loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.1f})")
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last:
             save(done)
-        elif D.any_rank_on_device(stop.requested(done), device):  # every rank stops at the same step
+        elif guard.stop_requested:  # agreed by all ranks in the guard's all-reduce
             save(done)
             progress.close()
             logger.close()
             if is_main:
-                print(f"stopped at step {done} ({stop.why}); checkpoint saved, run the same command to resume")
+                print(f"stopped at step {done} ({stop.why or 'another rank was signalled'}); checkpoint saved, run the same command to resume")
             return D.finish(PREEMPTED_EXIT)
 
     progress.close()

@@ -46,21 +46,26 @@ class NonFiniteGuard:
     """Decides, identically on every rank, whether a step's loss and gradient norm are finite.
 
     The gradient norm is computed after DDP's all-reduce, so it is the same everywhere; the loss is
-    per rank. Both flags are packed into one 2-element tensor and MAX-reduced once, then read with
-    one host sync (the step cannot be decided without it). `skipped` counts skipped steps; it is saved
-    in the trainer state and logged as `skipped_steps`.
+    per rank. Both flags, and this rank's stop request (SIGTERM/SIGINT), are packed into one tensor and
+    MAX-reduced once, then read with one host sync (the step cannot be decided without it): the one
+    collective and the one sync of a step's bookkeeping. `stop_requested` is then the same on every
+    rank. `skipped` counts skipped steps; it is saved in the trainer state and logged as `skipped_steps`.
     """
 
     def __init__(self, mode: str, device: torch.device, skipped: int = 0):
         self.mode, self.device, self.skipped = mode, device, int(skipped)
+        self.stop_requested = False
 
-    def skip(self, step: int, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """True: do not step the optimizer for `step` (skip mode). Raises NonFiniteError in stop mode."""
-        flags = torch.stack([(~torch.isfinite(loss_sum.detach().float())).float(),
-                             (~torch.isfinite(grad_norm.detach().float())).float()]).to(self.device)
+    def skip(self, step: int, loss_sum: torch.Tensor, grad_norm: torch.Tensor, stop: bool = False) -> bool:
+        """True: do not step the optimizer for `step` (skip mode). Raises NonFiniteError in stop mode.
+        `stop`: this rank wants to stop after the step; any rank's wish sets `stop_requested` everywhere."""
+        dev = self.device  # every flag on one device (DeepSpeed's grad-norm placeholder lives on the CPU)
+        flags = torch.stack([(~torch.isfinite(loss_sum.detach().float().to(dev))).float(),
+                             (~torch.isfinite(grad_norm.detach().float().to(dev))).float(),
+                             torch.tensor(float(stop), device=dev)])
         if D.is_dist():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        bad_loss, bad_grad = (bool(v) for v in flags.tolist())
+        bad_loss, bad_grad, self.stop_requested = (bool(v) for v in flags.tolist())
         if not (bad_loss or bad_grad):
             return False
         what = " and ".join(w for w, b in (("loss", bad_loss), ("gradient norm", bad_grad)) if b)

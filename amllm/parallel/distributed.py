@@ -121,15 +121,6 @@ def any_rank(flag: bool) -> bool:
     return any(flags)
 
 
-def any_rank_on_device(flag: bool, device: torch.device) -> bool:
-    """Like any_rank, as one tiny all-reduce on the training device (cheap enough for every step)."""
-    if not is_dist():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     """DDP for world > 1. Every rank then holds the full averaged gradient, so AM optimizers
     must NOT reduce their statistics again (reducer=None): that would count them N times."""
