@@ -116,7 +116,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Global-norm gradient clipping (0 disables)."""
     impl: str = "auto"
-    """Kernel path: auto | foreach | forloop | fused (torch AdamW fused / AM compiled, where available)."""
+    """Kernel path: auto | foreach | forloop | fused (torch AdamW fused; AM: C++ kernels on CPU, torch.compile on CUDA)."""
 
     def __post_init__(self) -> None:
         _one_of("optim.name", self.name, ("adamw", "am_adamw", "sgd", "am_sgd"))

@@ -3,18 +3,23 @@ bf16, checkpoints, validation, the flat-shard layer hook, a convex sanity check.
 
 import io
 import math
-from contextlib import nullcontext
+import warnings
 
 import pytest
 import torch
 
 from amllm.optim import AMSGD, AMAdamW
 
-IMPLS = [None, False, "fused"]  # auto (foreach at these sizes), for-loop, compiled (AMSGD: foreach)
+# auto (foreach at these sizes), for-loop, fused (on CPU: the C++ kernels), and the
+# torch.compile'd kernels (the CUDA path; AMSGD has none and runs foreach there).
+IMPLS = [None, False, "fused", "compiled"]
 
 
-def _impl_kw(impl):
-    return {"fused": True} if impl == "fused" else {"foreach": impl}
+def _make(cls, params, impl, **kw):
+    opt = cls(params, **kw, **({"fused": True} if impl in ("fused", "compiled") else {"foreach": impl}))
+    if impl == "compiled":
+        opt._impl = "compiled"  # test hook: force the Inductor kernels on CPU
+    return opt
 
 
 def _params(dtype=torch.float32, seed=0, shapes=((8, 6), (6,), (3, 4))):
@@ -32,7 +37,7 @@ def _grads(params, gen, dtype=None):
 def test_forced_beta_lambda0_is_adamw(foreach, dtype, tol):
     b1, b2, wd, lr = 0.8, 0.99, 0.05, 1e-2
     ours, theirs = _params(dtype), _params(dtype)
-    opt = AMAdamW(ours, lr=lr, betas=(b1, b2), weight_decay=wd, lam=0.0, **_impl_kw(foreach))
+    opt = _make(AMAdamW, ours, foreach, lr=lr, betas=(b1, b2), weight_decay=wd, lam=0.0)
     opt._force_beta = b1  # test-only hook
     ref = torch.optim.AdamW(theirs, lr=lr, betas=(b1, b2), weight_decay=wd, foreach=False)
     gen = torch.Generator().manual_seed(1)
@@ -50,7 +55,7 @@ def test_forced_beta_lambda0_is_adamw(foreach, dtype, tol):
 @pytest.mark.parametrize("foreach", IMPLS)
 def test_first_step_lambda0_is_adamw_first_step(foreach):
     ours, theirs = _params(torch.float64), _params(torch.float64)
-    opt = AMAdamW(ours, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1, lam=0.0, **_impl_kw(foreach))
+    opt = _make(AMAdamW, ours, foreach, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1, lam=0.0)
     ref = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1)
     gen = torch.Generator().manual_seed(2)
     for a, b, g in zip(ours, theirs, _grads(ours, gen)):
@@ -102,7 +107,7 @@ def test_am_sgd_lambda_cancels_without_clipping(impl):
 @pytest.mark.parametrize("foreach", IMPLS)
 def test_all_zero_grads_fall_back(cls, per_layer, foreach):
     params = _params()
-    opt = cls(params, lr=1e-2, per_layer=per_layer, **_impl_kw(foreach))
+    opt = _make(cls, params, foreach, lr=1e-2, per_layer=per_layer)
     n_layers = len(params) if per_layer else 1
     for t in range(3):  # zero from step 1
         for p in params:
@@ -147,7 +152,7 @@ def test_bf16_params_track_fp32(cls, foreach):
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):
         params = _params(dtype)
-        opt = cls(params, lr=1e-2, weight_decay=0.01, per_layer=True, **_impl_kw(foreach))
+        opt = _make(cls, params, foreach, lr=1e-2, weight_decay=0.01, per_layer=True)
         gen = torch.Generator().manual_seed(3)
         for _ in range(20):
             for p, g in zip(params, _grads(params, gen, torch.float32)):
@@ -373,35 +378,90 @@ def test_am_sgd_beats_fixed_momentum_on_logistic_regression(lr):
 
 
 # ------------------------------------------------------------------ impl selection
-def test_impl_selection_and_compile_fallback(monkeypatch):
-    """auto: foreach below _COMPILE_MIN_NUMEL, compiled from it on; a failing compile
-    warns once and the step runs the foreach path with identical results."""
-    from amllm.optim import _compiled
+def test_impl_selection():
+    """auto: foreach below _COMPILE_MIN_NUMEL, fused from it on; on CPU, fused buckets
+    run the C++ kernels (both optimizers), "compiled" forces the Inductor kernels."""
+    from amllm.optim import functional as F
 
     assert AMAdamW(_params(), foreach=None)._resolved_impl() == "foreach"
     assert AMAdamW(_params(), foreach=True)._resolved_impl() == "foreach"
-    assert AMAdamW(_params(), fused=True)._resolved_impl() == "compiled"
+    assert AMAdamW(_params(), fused=True)._resolved_impl() == "fused"
     assert AMAdamW(_params(), fused=False)._resolved_impl() == "foreach"
-    monkeypatch.setattr(AMAdamW, "_COMPILE_MIN_NUMEL", 10)
-    assert AMAdamW(_params())._resolved_impl() == "compiled"
-    assert AMSGD(_params(), lr=0.1)._resolved_impl() == "foreach"  # no compiled AM-SGD
+    assert AMSGD(_params(), lr=0.1, fused=True)._resolved_impl() == "fused"
+    ps = _params()
+    big = torch.nn.Parameter(torch.zeros(1 << 20))
+    assert AMAdamW(ps + [big])._resolved_impl() == "fused" and AMSGD(ps + [big], lr=0.1)._resolved_impl() == "fused"
+    nc = torch.zeros(4, 6).t()  # non-contiguous: the for-loop lines
+    one = torch.zeros(1)
+    ts = ps + [nc, one]
+    layers = [0] * len(ts)
+    assert F._buckets(len(ts), ts, layers, "fused") == {("cpp", torch.device("cpu"), torch.float32): [0, 1, 2, 4],
+                                                       ("forloop", None, None): [3]}
+    assert F._buckets(len(ts), ts, layers, "compiled") == {
+        ("compiled", torch.device("cpu"), torch.float32): [0, 1, 2], ("forloop", None, None): [3, 4]}
+    assert F._buckets(len(ts), ts, layers, "foreach") == {("foreach", torch.device("cpu"), torch.float32): [0, 1, 2, 3, 4]}
 
-    def broken(fn):
+
+def _run3(cls, impl, **kw):
+    params = _params()
+    opt = _make(cls, params, impl, lr=1e-2, weight_decay=0.1, **kw)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, g in zip(params, _grads(params, gen)):
+            p.grad = g
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def test_fused_fallbacks(monkeypatch):
+    """A CPU-kernel build that fails warns once and the step goes on with the compiled
+    kernels (AMAdamW) or foreach (AMSGD); a failing compile too: foreach, bit-identical
+    to foreach=True. AMLLM_CPU_KERNELS=0 skips the build silently."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    from amllm.optim import _compiled, _cpu_ext
+
+    def no_compiler(*a, **k):
         raise RuntimeError("no C++ compiler")
 
+    monkeypatch.setattr(_cpu_ext, "_status", None)
+    monkeypatch.setattr(_cpu_ext, "_ext", None)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with pytest.warns(RuntimeWarning, match="fused CPU kernels could not be built .*no C\\+\\+ compiler"):
+        sgd = _run3(AMSGD, "fused")
+    assert all(torch.equal(a, b) for a, b in zip(sgd, _run3(AMSGD, True)))
+    assert not _cpu_ext.available(torch.device("cpu"), torch.float32)
     monkeypatch.setattr(_compiled, "_STATUS", {})
-    monkeypatch.setattr(_compiled, "compiled", broken)
-    runs = []
-    for kw in ({"fused": True}, {"foreach": True}):
-        params = _params()
-        opt = AMAdamW(params, lr=1e-2, weight_decay=0.1, **kw)
-        gen = torch.Generator().manual_seed(0)
-        with pytest.warns(RuntimeWarning, match="compiled .* unavailable") if "fused" in kw else nullcontext():
-            for _ in range(3):
-                for p, g in zip(params, _grads(params, gen)):
-                    p.grad = g
-                opt.step()
-        runs.append([p.detach().clone() for p in params])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    monkeypatch.setattr(_compiled, "compiled", no_compiler)
+    with pytest.warns(RuntimeWarning, match="compiled .* unavailable"):
+        adamw = _run3(AMAdamW, "fused")
+    assert all(torch.equal(a, b) for a, b in zip(adamw, _run3(AMAdamW, True)))
 
+    monkeypatch.setenv("AMLLM_CPU_KERNELS", "0")
+    monkeypatch.setattr(_cpu_ext, "_status", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _cpu_ext.load() is None and "AMLLM_CPU_KERNELS=0" in _cpu_ext._status
+
+
+def test_cpu_kernels_do_not_depend_on_thread_count():
+    """Chunk partial sums are added in chunk order: 1 thread and 2 threads give
+    bit-identical β and parameters (several chunks per tensor)."""
+    runs = []
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for cls in (AMAdamW, AMSGD):
+                params = _params(shapes=((300, 200), (50_001,), (7,)))
+                opt = _make(cls, params, "fused", lr=1e-2, weight_decay=0.1)
+                gen = torch.Generator().manual_seed(5)
+                for t in range(4):
+                    for p, g in zip(params, _grads(params, gen)):
+                        p.grad = g * (1 if t % 2 else -0.5)
+                    opt.step()
+                runs.append([p.detach().clone() for p in params] + [opt.last_beta.clone()])
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(runs[:2], runs[2:]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

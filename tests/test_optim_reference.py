@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from amllm.optim import AMSGD, AMAdamW, _compiled
+from amllm.optim import AMSGD, AMAdamW, _compiled, _cpu_ext
 from reference_am import RefAMAdamW, RefAMSGD
 
 SHAPES = [(6, 5), (7,), (0,), (4, 3), (3,)]
@@ -46,7 +46,8 @@ def layer_setup(mode):
     return True, True, [0, 1, 2, 3, 3], 4  # group 1 shares one β
 
 
-IMPL_KW = {"auto": {}, "foreach": {"foreach": True}, "forloop": {"foreach": False}, "fused": {"fused": True}}
+IMPL_KW = {"auto": {}, "foreach": {"foreach": True}, "forloop": {"foreach": False}, "fused": {"fused": True},
+           "compiled": {"fused": True}}
 
 
 def build(cls, dtype, mode, policy, impl, hp0, hp1, **kw):
@@ -59,24 +60,29 @@ def build(cls, dtype, mode, policy, impl, hp0, hp1, **kw):
         {"params": [params[i] for i in range(5) if GROUP_OF[i] == 1], "layer_per_group": lpg, **hp1},
     ]
     opt = cls(groups, lr=0.0, per_layer=per_layer, beta_policy=policy, **IMPL_KW[impl], **kw)
+    if impl == "compiled":
+        opt._impl = "compiled"  # test hook: the Inductor kernels (the CUDA path) on CPU
     return opt, params, init, layer_of, n_layers
 
 
 POLICY_KW = {"am": {}, "clip": {"beta_min": 0.3}, "restart": {"restart_threshold": 0.6, "restart_low": 0.2}}
 REF_POLICY = {"am": {}, "clip": {"beta_min": 0.3}, "restart": {"theta": 0.6, "low": 0.2}}
+# fused: on CPU the C++ kernels (csrc/am_cpu.cpp); AM-AdamW also has the torch.compile'd
+# two-pass kernels (its CUDA path), compiled once per dtype.
 SGD_CASES = [(m, pol, impl) for m in ("global", "tensor", "group") for pol in ("am", "clip", "restart")
-             for impl in ("foreach", "forloop")]
-# AM-AdamW also has the torch.compile'd two-pass path (fused=True); compiled once per dtype.
+             for impl in ("foreach", "forloop", "fused")]
 ADAMW_CASES = [(m, pol, impl) for m in ("global", "tensor", "group") for pol in ("am", "clip", "restart")
-               for impl in ("foreach", "forloop", "fused")]
+               for impl in ("foreach", "forloop", "fused", "compiled")]
 
 
 def run_lockstep(cls, ref_cls, dtype, mode, policy, impl, hp0, hp1, ref_hp, tol, state_of, lam=0.1):
     """Steps both in lockstep; ``state_of(ref)`` -> [(state key, per-param ref tensors)]."""
     opt, params, init, layer_of, n_layers = build(
         cls, dtype, mode, policy, impl, hp0, hp1, lam=lam, **POLICY_KW[policy])
-    if impl == "fused":  # the compiled path really runs (no silent foreach fallback)
-        assert opt._resolved_impl() == "compiled" and _compiled.available(torch.device("cpu"), dtype)
+    if impl == "fused":  # the C++ kernels really run (no silent fallback)
+        assert opt._resolved_impl() == "fused" and _cpu_ext.available(torch.device("cpu"), dtype)
+    if impl == "compiled":
+        assert _compiled.available(torch.device("cpu"), dtype)
     ref = ref_cls(init, GROUP_OF, [dict(ref_hp[0]), dict(ref_hp[1])], layer_of, n_layers,
                   beta_max=0.9, policy=policy, **REF_POLICY[policy])
     betas_seen = []

@@ -53,11 +53,9 @@ class AMOptimizerBase(Optimizer):
 
     _name = "AMOptimizer"
 
-    #: ``impl="auto"`` picks the compiled path from this many elements on (fewer: foreach,
-    #: whose speed does not matter there and which needs no compile time).
+    #: ``impl="auto"`` picks the fused kernels from this many elements on (fewer: foreach,
+    #: whose speed does not matter there and which needs no build or compile time).
     _COMPILE_MIN_NUMEL = 1 << 20
-    #: Whether this optimizer has a compiled (fused) path.
-    _HAS_COMPILED = False
 
     def __init__(self, params, defaults: dict, reducer=None, foreach: Optional[bool] = None,
                  fused: Optional[bool] = None):
@@ -68,8 +66,9 @@ class AMOptimizerBase(Optimizer):
             raise ValueError(f"Invalid fused: {fused!r} (must be None, True or False)")
         if fused and foreach is not None:
             raise ValueError("fused=True and foreach cannot both be given")
-        #: "forloop" | "foreach" | "compiled" | "auto" (resolved on the first step)
-        self._impl = ("compiled" if fused else "forloop" if foreach is False else "foreach"
+        #: "forloop" | "foreach" | "fused" | "auto" (resolved per step); functional.IMPLS
+        #: also has "cpp" and "compiled", which tests and benchmarks set here directly.
+        self._impl = ("fused" if fused else "forloop" if foreach is False else "foreach"
                       if foreach or fused is False else "auto")
         self.reducer = reducer
         self._reduce_resolved = False
@@ -211,14 +210,13 @@ class AMOptimizerBase(Optimizer):
         return 1.0 if is_dtensor(p) else self._plain_weight
 
     def _resolved_impl(self) -> str:
-        """The kernel path of this step: ``auto`` becomes ``compiled`` for models of at
-        least ``_COMPILE_MIN_NUMEL`` elements (when the optimizer has such a path; whether
-        it compiles on the device is checked per (device, dtype) at the first step, with a
-        foreach fallback), else ``foreach``."""
+        """The kernel path of this step: ``auto`` becomes ``fused`` for models of at least
+        ``_COMPILE_MIN_NUMEL`` elements, else ``foreach``. (What ``fused`` runs on each
+        device, with its fallbacks, is decided per bucket in ``functional._buckets``.)"""
         if self._impl != "auto":
             return self._impl
         n = sum(local(p).numel() for g in self.param_groups for p in g["params"])
-        return "compiled" if self._HAS_COMPILED and n >= self._COMPILE_MIN_NUMEL else "foreach"
+        return "fused" if n >= self._COMPILE_MIN_NUMEL else "foreach"
 
     def _take_lr_ratio(self, group: dict) -> float:
         """r for this step; remembers this step's lr for the next one."""

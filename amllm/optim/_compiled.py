@@ -1,4 +1,6 @@
-"""The ``torch.compile``d two-pass path of AM-AdamW (``impl="compiled"``, ``fused=True``).
+"""The ``torch.compile``d two-pass path of AM-AdamW: ``fused=True`` on CUDA (on CPU the C++
+kernels of ``_cpu_ext.py`` run instead, and this path only where they cannot be built;
+``impl="compiled"`` forces it, as the tests do).
 
 Per tensor, two fused element-wise kernels (Inductor: one C++/OpenMP loop on CPU, one
 Triton kernel on CUDA), nothing but the state written back in place:

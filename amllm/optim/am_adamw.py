@@ -61,9 +61,11 @@ class AMAdamW(AMOptimizerBase):
             (ZeRO flat shards, parameter subsets) or a callable ``reduce(t) -> t``.
         foreach: True: multi-tensor ``torch._foreach_*`` path; False: the readable
             per-tensor path.
-        fused: True: the ``torch.compile``d two-pass path (two fused kernels per tensor,
-            no temporaries; compiled once per device type and dtype, ~20-40 s on a small
-            CPU; falls back to foreach with a warning where compiling fails).
+        fused: True: two fused passes over memory, no temporaries: on CPU the C++
+            kernels (``csrc/am_cpu.cpp``, one call per pass for all tensors; built once
+            per machine, ~25 s, cached in ``$TORCH_EXTENSIONS_DIR``), elsewhere the
+            ``torch.compile``d kernels (compiled once per process, device type and dtype);
+            whatever cannot be built falls back to foreach with one warning.
             With neither given ("auto"): fused for models of ≥ 2^20 elements
             (``_COMPILE_MIN_NUMEL``), foreach below.
 
@@ -77,7 +79,6 @@ class AMAdamW(AMOptimizerBase):
     """
 
     _name = "AMAdamW"
-    _HAS_COMPILED = True
 
     def __init__(
         self,

@@ -34,8 +34,8 @@ class AMSGD(AMOptimizerBase):
     d ← β d + g. Without the clip λ cancels exactly (β(λ) = β(0)(1+λ) - λ); λ acts
     only through the clip, as a floor λ/(1+λ) of memory. Groups, layers, reducer,
     policies, attributes and checkpoints: as :class:`AMAdamW`. ``foreach``: as AMAdamW;
-    ``fused=True`` is accepted (``optim.impl=fused``) but runs the foreach path (no compiled
-    AM-SGD kernels yet). Per-param state:
+    ``fused=True``: the C++ kernels on CPU (as AMAdamW), the foreach path elsewhere (no
+    compiled AM-SGD kernels: its step is three dot products and two axpys). Per-param state:
     ``momentum_buffer``. ``last_sums`` is [L, 4] = A, B, C, count.
     """
 

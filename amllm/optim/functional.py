@@ -18,9 +18,14 @@ Two implementations of phases 1 and 3 (``impl``):
 * ``"foreach"``: ``torch._foreach_*`` multi-tensor ops per (device, dtype) bucket, with
   algebraic rewrites that save passes over memory (documented inline).
 
-* ``"compiled"`` (AM-AdamW only): two ``torch.compile``d kernels per tensor, see
-  ``_compiled.py``. Falls back to ``"foreach"`` (warning once) where compiling fails;
-  tensors with fewer than 2 elements or non-contiguous tensors take the for-loop lines.
+* ``"fused"``: hand-fused kernels, two passes over memory per step, no temporaries:
+  on CPU the C++ kernels of ``csrc/am_cpu.cpp`` (``_cpu_ext.py``: one call per pass for a
+  whole bucket, both optimizers); elsewhere (CUDA) AM-AdamW's ``torch.compile``d
+  kernels (``_compiled.py``, one pair of calls per tensor) and AM-SGD's foreach path.
+  ``"cpp"`` and ``"compiled"`` force one of the two where it can run (tests, benchmarks).
+  Whatever cannot be built falls back to ``"foreach"`` (warning once); non-contiguous
+  tensors (and, for ``"compiled"``, tensors of fewer than 2 elements) take the for-loop
+  lines.
 
 All are tested against an independent float64 oracle (``tests/reference_am.py``).
 
@@ -39,13 +44,14 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _compiled
+from . import _compiled, _cpu_ext
 from .beta import BetaConfig, BetaState, at_layer, elementwise_layer_sums, finish_beta
 
 Reducer = Optional[Callable[[Tensor], Tensor]]
 Layer = Union[int, Tensor]  # a layer index, or an int64 element→layer map (flat shards)
 
-IMPLS = ("forloop", "foreach", "compiled")
+IMPLS = ("forloop", "foreach", "fused", "cpp", "compiled")
+_FUSED = ("fused", "cpp", "compiled")
 
 
 @dataclass
@@ -147,21 +153,28 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-def _buckets(n: int, tensors: list[Tensor], layers: list[Layer], impl: str = "foreach", others=()) -> dict:
+def _buckets(n: int, tensors: list[Tensor], layers: list[Layer], impl: str = "foreach", others=(),
+             compiled: bool = True) -> dict:
     """Indices grouped by ``(impl, device, dtype)``, each bucket's impl resolved:
 
-    element→layer maps always take ``"forloop"``; ``"compiled"`` needs ≥ 2 elements,
-    contiguous tensors (``tensors`` and every list in ``others``) and a working compiler
-    for the (device, dtype), else it takes ``"forloop"`` (odd tensors) or ``"foreach"``.
+    element→layer maps always take ``"forloop"``. The fused impls need contiguous
+    tensors (``tensors`` and every list in ``others``), else ``"forloop"``; then
+    ``"fused"``/``"cpp"`` take the C++ kernels on CPU where they build, then (when the
+    optimizer has them, ``compiled``) the torch.compile'd kernels for tensors of ≥ 2
+    elements (smaller ones: ``"forloop"``), else ``"foreach"``.
     """
     out: dict = {}
     for i in range(n):
         t = tensors[i]
         if impl == "forloop" or isinstance(layers[i], Tensor):
             key = ("forloop", None, None)
-        elif impl == "compiled" and (t.numel() < 2 or not all(x[i].is_contiguous() for x in (tensors, *others))):
+        elif impl in _FUSED and not all(x[i].is_contiguous() for x in (tensors, *others)):
             key = ("forloop", None, None)
-        elif impl == "compiled" and _compiled.available(t.device, t.dtype):
+        elif impl in ("fused", "cpp") and _cpu_ext.available(t.device, t.dtype):
+            key = ("cpp", t.device, t.dtype)
+        elif impl in _FUSED and compiled and t.numel() < 2:
+            key = ("forloop", None, None)
+        elif impl in _FUSED and compiled and _compiled.available(t.device, t.dtype):
             key = ("compiled", t.device, t.dtype)
         else:
             key = ("foreach", t.device, t.dtype)
@@ -269,6 +282,33 @@ def _adamw_apply_compiled(grp: AdamWGroup, idx: list[int], c1: Tensor, beta: Ten
           beta[grp.layers[i]], grp.eps, grp.lam, _inv_sqrt_c2(grp.beta2, grp.steps[i]), grp.lr, grp.weight_decay)
 
 
+def _host_scalars(vec: Tensor, layers: list[Layer], idx: list[int]) -> list[float]:
+    """``vec[layer]`` per tensor as Python floats (the C++ kernels run on CPU: no device sync)."""
+    h = vec.tolist()
+    return [h[layers[i]] for i in idx]
+
+
+def _adamw_stats_cpp(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: int):
+    """Pass 1 of the C++ kernels: v in place, the sums of all tensors in one call
+    (Σgx, Σδx only with weight decay: x is then not read at all)."""
+    ext = _cpu_ext.load()
+    c1s = _host_scalars(c1, grp.layers, idx)
+    isc2 = [_inv_sqrt_c2(grp.beta2, grp.steps[i]) for i in idx]
+    with_x = grp.weight_decay != 0
+    raw = ext.adamw_pass1([grp.params[i] for i in idx], [grp.grads[i] for i in idx], [grp.exp_avgs[i] for i in idx],
+                          [grp.exp_avg_sqs[i] for i in idx], c1s, isc2, grp.beta2, grp.eps, grp.lam, with_x)
+    raw = raw.to(c1.dtype)[:, :5 if with_x else 3]
+    return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, n_layers), (c1s, isc2)
+
+
+def _adamw_apply_cpp(grp: AdamWGroup, idx: list[int], scratch, beta: Tensor):
+    c1s, isc2 = scratch
+    _cpu_ext.load().adamw_pass2(
+        [grp.params[i] for i in idx], [grp.grads[i] for i in idx], [grp.exp_avgs[i] for i in idx],
+        [grp.exp_avg_sqs[i] for i in idx], c1s, _host_scalars(beta, grp.layers, idx), isc2, grp.eps, grp.lam,
+        grp.lr, grp.weight_decay)
+
+
 def _adamw_apply_foreach(grp: AdamWGroup, idx: list[int], scratch, beta: Tensor):
     X, Dm, P, S = scratch
     torch._foreach_mul_(S, [1 - beta[grp.layers[i]] for i in idx])  # S = (1-β) w δ
@@ -291,7 +331,9 @@ def _adamw_stats(grp: AdamWGroup, c1: Tensor, n_layers: int, impl: str):
     if not grp.weights:
         grp.weights = [1.0] * n
     for key, idx in _adamw_buckets(grp, impl).items():
-        if key[0] == "compiled":
+        if key[0] == "cpp":
+            part, scratch[key] = _adamw_stats_cpp(grp, idx, c1, n_layers)
+        elif key[0] == "compiled":
             part, scratch[key] = _adamw_stats_compiled(grp, idx, c1, n_layers)
         elif key[0] == "foreach":
             part, scratch[key] = _adamw_stats_foreach(grp, idx, c1, n_layers)
@@ -314,7 +356,9 @@ def _adamw_stats(grp: AdamWGroup, c1: Tensor, n_layers: int, impl: str):
 
 def _adamw_apply(grp: AdamWGroup, scratch: dict, beta: Tensor, impl: str):
     for key, idx in _adamw_buckets(grp, impl).items():
-        if key[0] == "compiled":
+        if key[0] == "cpp":
+            _adamw_apply_cpp(grp, idx, scratch[key], beta)
+        elif key[0] == "compiled":
             _adamw_apply_compiled(grp, idx, scratch[key], beta)
         elif key[0] == "foreach":
             _adamw_apply_foreach(grp, idx, scratch[key], beta)
@@ -395,6 +439,14 @@ def _sgd_apply_one(x, g, d, beta, *, lam, lr, wd):
     x.copy_(X - lr * d_new)
 
 
+def _sgd_buckets(grp: SGDGroup, have: list[int], impl: str) -> dict:
+    """Buckets over the tensors that have a buffer (indices into the group's lists)."""
+    sub = lambda lst: [lst[i] for i in have]  # noqa: E731
+    buckets = _buckets(len(have), sub(grp.params), sub(grp.layers), impl,
+                       (sub(grp.grads), sub(grp.momentum_buffers)), compiled=False)
+    return {key: [have[j] for j in idx] for key, idx in buckets.items()}
+
+
 def _sgd_stats(grp: SGDGroup, n_layers: int, impl: str, dtype, device):
     """Partial sums over tensors that already have a buffer (new ones take d ← g)."""
     n = len(grp.params)
@@ -411,9 +463,15 @@ def _sgd_stats(grp: SGDGroup, n_layers: int, impl: str, dtype, device):
             else:
                 packed[layer, -1] += grp.params[i].numel()
     scratch = {}
-    for key, idx in _buckets(len(have), [grp.params[i] for i in have], [grp.layers[i] for i in have], impl).items():
-        idx = [have[j] for j in idx]
-        if key[0] == "foreach":
+    for key, idx in _sgd_buckets(grp, have, impl).items():
+        if key[0] == "cpp":
+            raw = _cpu_ext.load().sgd_pass1([grp.params[i] for i in idx], [grp.grads[i] for i in idx],
+                                            [grp.momentum_buffers[i] for i in idx], grp.weight_decay)
+            raw = raw.to(dtype)  # [n, 3]: Σ G·d, Σ δ·G, Σ δ·δ with G = g + μx (as the foreach rows)
+            rows = torch.stack([coef_a * raw[:, 0], raw[:, 1] + grp.lam * (raw[:, 2] + raw[:, 1]), raw[:, 2]], 1)
+            part = _rows_to_layers(rows, grp, idx, n_layers)
+            scratch[key] = None
+        elif key[0] == "foreach":
             X = [_up(grp.params[i]) for i in idx]
             G = [_sgd_grad(X[k], _up(grp.grads[i]), grp.weight_decay) for k, i in enumerate(idx)]
             Dm = [_up(grp.momentum_buffers[i]) for i in idx]
@@ -442,10 +500,12 @@ def _sgd_apply(grp: SGDGroup, sc, beta: Tensor, impl: str):
             d = _sgd_grad(_up(x), _up(grp.grads[i]), grp.weight_decay).clone()
             x.copy_(_up(x) - grp.lr * d)
             grp.momentum_buffers[i] = d.to(x.dtype)
-    sub = [grp.params[i] for i in have]
-    for key, idx in _buckets(len(have), sub, [grp.layers[i] for i in have], impl).items():
-        idx = [have[j] for j in idx]
-        if key[0] == "foreach":
+    for key, idx in _sgd_buckets(grp, have, impl).items():
+        if key[0] == "cpp":  # d ← d + (β-1)/(1+λ) δ, x ← x - η d (G = g + μx recomputed)
+            coef = [(b - 1) / (1 + grp.lam) for b in _host_scalars(beta, grp.layers, idx)]
+            _cpu_ext.load().sgd_pass2([grp.params[i] for i in idx], [grp.grads[i] for i in idx],
+                                      [grp.momentum_buffers[i] for i in idx], coef, grp.lr, grp.weight_decay)
+        elif key[0] == "foreach":
             X, Dm, Delta = scratch[key]
             # d ← ((β+λ)d + (1-β)g)/(1+λ) = d - (1-β)/(1+λ) δ
             torch._foreach_mul_(Delta, [(beta[grp.layers[i]] - 1) / (1 + grp.lam) for i in idx])
@@ -474,8 +534,6 @@ def am_sgd(
     Returns the new β state and the packed sums ``[L, 4]`` = [A, B, C, count].
     """
     L, dt, dev = state.pi.numel(), state.pi.dtype, state.pi.device
-    if impl == "compiled":  # no compiled AM-SGD kernels (yet): the foreach path
-        impl = "foreach"
 
     def num_den(packed):
         return packed[:, 0] - packed[:, 1], packed[:, 2]

@@ -1,0 +1,80 @@
+"""The fused CPU kernels of AM-AdamW and AM-SGD (``csrc/am_cpu.cpp``), built on first use.
+
+``fused=True`` (and the automatic choice for large models) runs these on CPU tensors:
+one C++ call per pass for every tensor of a (dtype) bucket, parallel over chunks on
+torch's intra-op threads, sums kept in registers. On the LLaMA-20M shapes they bring
+AM-AdamW's step under 2x torch's fused AdamW on a 2-core CPU, where the torch.compile'd
+kernels (``_compiled.py``, still the path on CUDA) took 3x: Inductor's CPU reductions
+spill a cascade-summation stack to memory, and each per-tensor compiled call costs
+~50 us of Python (see docs/optimizer.md for the measurements).
+
+Build: ``torch.utils.cpp_extension.load`` (g++ with OpenMP and ninja, ~25 s once;
+cached under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; a file
+lock makes concurrent ranks build once). The extension name carries the CPU capability
+torch detected and the vector flags match it, so a cache shared by nodes with different
+CPUs never loads code for the wrong instruction set. Where the build fails (no
+compiler, no ninja, an exotic platform) one warning is issued and callers fall back to
+the compiled or foreach path. ``AMLLM_CPU_KERNELS=0`` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+_SRC = Path(__file__).resolve().parent / "csrc" / "am_cpu.cpp"
+_VERSION = 1  # bump when the binding changes incompatibly (the name keys the build cache)
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+_ext = None
+_status: Optional[str] = None  # None: not tried; "ok"; else the reason it is unavailable
+
+# Vector flags per torch CPU capability (what Inductor passes for the same capability).
+_ARCH_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
+
+def _capability() -> str:
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # pragma: no cover - very old torch
+        return "DEFAULT"
+
+
+def load():
+    """The extension module, building it on first use; None (after one warning) if that fails."""
+    global _ext, _status
+    if _status is None:
+        if os.environ.get("AMLLM_CPU_KERNELS", "1") == "0":
+            _status = "disabled by AMLLM_CPU_KERNELS=0"
+            return None
+        cap = _capability()
+        try:
+            from torch.utils.cpp_extension import load as _load
+
+            _ext = _load(
+                name=f"amllm_am_cpu_v{_VERSION}_{cap.lower()}",
+                sources=[str(_SRC)],
+                extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *_ARCH_FLAGS.get(cap, [])],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+            _status = "ok"
+        except Exception as e:  # no compiler / ninja / headers: the other paths still work
+            msg = str(e).strip().splitlines()
+            _status = f"{type(e).__name__}: {msg[0] if msg else ''}"
+            warnings.warn(f"amllm.optim: the fused CPU kernels could not be built ({_status}); using the "
+                          f"compiled or foreach path (set AMLLM_CPU_KERNELS=0 to skip the build)",
+                          RuntimeWarning, stacklevel=3)
+    return _ext
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernels serve tensors of this device and dtype (builds on first call)."""
+    return device.type == "cpu" and dtype in _DTYPES and load() is not None
