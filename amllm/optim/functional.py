@@ -77,6 +77,7 @@ class AdamWGroup:
     beta2: float
     lam: float
     weights: list[float] = field(default_factory=list)
+    buckets: Optional[dict] = None  # set by the first phase of a step (see _buckets)
 
 
 @dataclass
@@ -322,7 +323,11 @@ def _adamw_apply_foreach(grp: AdamWGroup, idx: list[int], scratch, beta: Tensor)
 
 
 def _adamw_buckets(grp: AdamWGroup, impl: str) -> dict:
-    return _buckets(len(grp.params), grp.params, grp.layers, impl, (grp.grads, grp.exp_avgs, grp.exp_avg_sqs))
+    """Resolved once per step (stats), reused by the apply phase."""
+    if grp.buckets is None:
+        grp.buckets = _buckets(len(grp.params), grp.params, grp.layers, impl,
+                               (grp.grads, grp.exp_avgs, grp.exp_avg_sqs))
+    return grp.buckets
 
 
 def _adamw_stats(grp: AdamWGroup, c1: Tensor, n_layers: int, impl: str):

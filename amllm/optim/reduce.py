@@ -28,6 +28,7 @@ a callable                    ``reduce(packed) -> summed``, used as is (tests, c
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -36,8 +37,10 @@ from torch import Tensor
 ReduceFn = Callable[[Tensor], Tensor]
 
 
+@functools.cache
 def _dtensor_cls():
-    """The DTensor class, or None when torch.distributed is unavailable."""
+    """The DTensor class, or None when torch.distributed is unavailable (looked up once:
+    it is asked for every tensor on every step)."""
     if not torch.distributed.is_available():
         return None
     from torch.distributed.tensor import DTensor
