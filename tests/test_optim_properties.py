@@ -437,6 +437,11 @@ def test_fused_fallbacks(monkeypatch):
         adamw = _run3(AMAdamW, "fused")
     assert all(torch.equal(a, b) for a, b in zip(adamw, _run3(AMAdamW, True)))
 
+    build_log = ("Error building extension 'x': [1/2] c++ -MMD ... -c am_cpu.cpp -o am_cpu.o\n"
+                 "am_cpu.cpp:177:21: error: 'gather_sums' was not declared in this scope\nninja: build stopped")
+    assert _cpu_ext._reason(RuntimeError(build_log)) == (
+        "RuntimeError: am_cpu.cpp:177:21: error: 'gather_sums' was not declared in this scope")
+
     monkeypatch.setenv("AMLLM_CPU_KERNELS", "0")
     monkeypatch.setattr(_cpu_ext, "_status", None)
     with warnings.catch_warnings():

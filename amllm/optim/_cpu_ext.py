@@ -47,6 +47,14 @@ def _capability() -> str:
         return "DEFAULT"
 
 
+def _reason(e: Exception) -> str:
+    """One line for a failed build: the compiler's first ``error:`` line if there is one
+    (torch's message starts with ninja's long command line), else the first line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error:" in ln and not ln.startswith("[")]
+    return f"{type(e).__name__}: {(errors or lines or [''])[0][:300]}"
+
+
 def load():
     """The extension module, building it on first use; None (after one warning) if that fails."""
     global _ext, _status
@@ -67,8 +75,7 @@ def load():
             )
             _status = "ok"
         except Exception as e:  # no compiler / ninja / headers: the other paths still work
-            msg = str(e).strip().splitlines()
-            _status = f"{type(e).__name__}: {msg[0] if msg else ''}"
+            _status = _reason(e)
             warnings.warn(f"amllm.optim: the fused CPU kernels could not be built ({_status}); using the "
                           f"compiled or foreach path (set AMLLM_CPU_KERNELS=0 to skip the build)",
                           RuntimeWarning, stacklevel=3)

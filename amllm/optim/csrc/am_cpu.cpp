@@ -53,7 +53,7 @@ std::vector<Span> make_spans(const TensorList& xs) {
   return out;
 }
 
-void check_lists(std::initializer_list<const TensorList*> lists, size_t n_scalars,
+void check_lists(std::initializer_list<const TensorList*> lists,
                  std::initializer_list<const std::vector<double>*> scalars) {
   const TensorList& xs = **lists.begin();
   for (const auto* l : lists) {
@@ -66,24 +66,7 @@ void check_lists(std::initializer_list<const TensorList*> lists, size_t n_scalar
     }
   }
   for (const auto* s : scalars)
-    TORCH_CHECK(s->size() == xs.size() * n_scalars, "amllm cpu kernels: one scalar per tensor expected");
-}
-
-// Runs body(span index, span) over all chunks of all tensors on torch's intra-op threads.
-template <typename F>
-void for_spans(const std::vector<Span>& spans, const F& body) {
-  at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t s = lo; s < hi; ++s) body(s, spans[s]);
-  });
-}
-
-// Chunk partials [n_spans, K] -> per-tensor sums [n, K] (double, in chunk order).
-at::Tensor gather_sums(const std::vector<Span>& spans, const std::vector<double>& part, int64_t n, int64_t K) {
-  auto out = at::zeros({n, K}, at::kDouble);
-  double* o = out.data_ptr<double>();
-  for (size_t s = 0; s < spans.size(); ++s)
-    for (int64_t j = 0; j < K; ++j) o[spans[s].k * K + j] += part[s * K + j];
-  return out;
+    TORCH_CHECK(s->size() == xs.size(), "amllm cpu kernels: one scalar per tensor expected");
 }
 
 // S: storage type, C: compute type.
@@ -176,6 +159,33 @@ auto dispatch(const TensorList& xs, const F& f) {
   }
 }
 
+// Chunk partials [n_spans, K] -> per-tensor sums [n, K] (double, in chunk order).
+at::Tensor gather_sums(const std::vector<Span>& spans, const std::vector<double>& part, int64_t n, int64_t K) {
+  auto out = at::zeros({n, K}, at::kDouble);
+  double* o = out.data_ptr<double>();
+  for (size_t s = 0; s < spans.size(); ++s)
+    for (int64_t j = 0; j < K; ++j) o[spans[s].k * K + j] += part[s * K + j];
+  return out;
+}
+
+// Runs body(S{}, C{}, span, out) over every chunk of every tensor on torch's intra-op
+// threads (S: storage type, C: compute type); out points at the chunk's K partial sums.
+// Returns the per-tensor sums [n, K] (float64, added in chunk order).
+template <int64_t K, typename F>
+at::Tensor over_chunks(const TensorList& xs, const F& body) {
+  const auto spans = make_spans(xs);
+  std::vector<double> part(spans.size() * K + 1, 0.0);
+  if (!xs.empty()) {
+    dispatch(xs, [&](auto s_tag, auto c_tag) {
+      at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t s = lo; s < hi; ++s) body(s_tag, c_tag, spans[s], &part[s * K]);
+      });
+      return 0;
+    });
+  }
+  return gather_sums(spans, part, xs.size(), K);
+}
+
 }  // namespace
 
 // Per-tensor scalars: c1, isc2 (1/sqrt(1 - b2^t)), beta, coef. Scalar coefficients such as
@@ -183,75 +193,48 @@ auto dispatch(const TensorList& xs, const F& f) {
 at::Tensor adamw_pass1(const TensorList& xs, const TensorList& gs, const TensorList& ds, const TensorList& vs,
                        const std::vector<double>& c1, const std::vector<double>& isc2, double b2, double eps,
                        double lam, bool with_x) {
-  check_lists({&xs, &gs, &ds, &vs}, 1, {&c1, &isc2});
-  if (xs.empty()) return at::zeros({0, 5}, at::kDouble);
-  const auto spans = make_spans(xs);
-  std::vector<double> part(spans.size() * 5, 0.0);
-  dispatch(xs, [&](auto s_tag, auto c_tag) {
+  check_lists({&xs, &gs, &ds, &vs}, {&c1, &isc2});
+  return over_chunks<5>(xs, [&](auto s_tag, auto c_tag, const Span& sp, double* out) {
     using S = decltype(s_tag);
     using C = decltype(c_tag);
-    for_spans(spans, [&](int64_t s, const Span& sp) {
-      const int64_t k = sp.k;
-      auto run = with_x ? adamw_pass1_span<S, C, true> : adamw_pass1_span<S, C, false>;
-      run(ptr<S>(xs[k]), ptr<S>(gs[k]), ptr<S>(ds[k]), ptr<S>(vs[k]), sp.begin, sp.end, C(c1[k]), C(b2),
-          C(1.0 - b2), C(eps), C(lam), C(isc2[k]), &part[s * 5]);
-    });
-    return 0;
+    const int64_t k = sp.k;
+    auto run = with_x ? adamw_pass1_span<S, C, true> : adamw_pass1_span<S, C, false>;
+    run(ptr<S>(xs[k]), ptr<S>(gs[k]), ptr<S>(ds[k]), ptr<S>(vs[k]), sp.begin, sp.end, C(c1[k]), C(b2),
+        C(1.0 - b2), C(eps), C(lam), C(isc2[k]), out);
   });
-  return gather_sums(spans, part, xs.size(), 5);
 }
 
 void adamw_pass2(const TensorList& xs, const TensorList& gs, const TensorList& ds, const TensorList& vs,
                  const std::vector<double>& c1, const std::vector<double>& beta, const std::vector<double>& isc2,
                  double eps, double lam, double lr, double wd) {
-  check_lists({&xs, &gs, &ds, &vs}, 1, {&c1, &beta, &isc2});
-  if (xs.empty()) return;
-  const auto spans = make_spans(xs);
-  dispatch(xs, [&](auto s_tag, auto c_tag) {
+  check_lists({&xs, &gs, &ds, &vs}, {&c1, &beta, &isc2});
+  over_chunks<0>(xs, [&](auto s_tag, auto c_tag, const Span& sp, double*) {
     using S = decltype(s_tag);
     using C = decltype(c_tag);
-    for_spans(spans, [&](int64_t, const Span& sp) {
-      const int64_t k = sp.k;
-      adamw_pass2_span<S, C>(ptr<S>(xs[k]), ptr<S>(gs[k]), ptr<S>(ds[k]), ptr<S>(vs[k]), sp.begin, sp.end,
-                             C(c1[k]), C(beta[k]), C(1.0 - beta[k]), C(eps), C(lam), C(isc2[k]), C(lr),
-                             C(1.0 - lr * wd));
-    });
-    return 0;
+    const int64_t k = sp.k;
+    adamw_pass2_span<S, C>(ptr<S>(xs[k]), ptr<S>(gs[k]), ptr<S>(ds[k]), ptr<S>(vs[k]), sp.begin, sp.end, C(c1[k]),
+                           C(beta[k]), C(1.0 - beta[k]), C(eps), C(lam), C(isc2[k]), C(lr), C(1.0 - lr * wd));
   });
 }
 
 at::Tensor sgd_pass1(const TensorList& xs, const TensorList& gs, const TensorList& ds, double wd) {
-  check_lists({&xs, &gs, &ds}, 1, {});
-  if (xs.empty()) return at::zeros({0, 3}, at::kDouble);
-  const auto spans = make_spans(xs);
-  std::vector<double> part(spans.size() * 3, 0.0);
-  dispatch(xs, [&](auto s_tag, auto c_tag) {
+  check_lists({&xs, &gs, &ds}, {});
+  return over_chunks<3>(xs, [&](auto s_tag, auto c_tag, const Span& sp, double* out) {
     using S = decltype(s_tag);
     using C = decltype(c_tag);
-    for_spans(spans, [&](int64_t s, const Span& sp) {
-      const int64_t k = sp.k;
-      auto run = wd != 0.0 ? sgd_pass1_span<S, C, true> : sgd_pass1_span<S, C, false>;
-      run(ptr<S>(xs[k]), ptr<S>(gs[k]), ptr<S>(ds[k]), sp.begin, sp.end, C(wd), &part[s * 3]);
-    });
-    return 0;
+    auto run = wd != 0.0 ? sgd_pass1_span<S, C, true> : sgd_pass1_span<S, C, false>;
+    run(ptr<S>(xs[sp.k]), ptr<S>(gs[sp.k]), ptr<S>(ds[sp.k]), sp.begin, sp.end, C(wd), out);
   });
-  return gather_sums(spans, part, xs.size(), 3);
 }
 
 void sgd_pass2(const TensorList& xs, const TensorList& gs, const TensorList& ds, const std::vector<double>& coef,
                double lr, double wd) {
-  check_lists({&xs, &gs, &ds}, 1, {&coef});
-  if (xs.empty()) return;
-  const auto spans = make_spans(xs);
-  dispatch(xs, [&](auto s_tag, auto c_tag) {
+  check_lists({&xs, &gs, &ds}, {&coef});
+  over_chunks<0>(xs, [&](auto s_tag, auto c_tag, const Span& sp, double*) {
     using S = decltype(s_tag);
     using C = decltype(c_tag);
-    for_spans(spans, [&](int64_t, const Span& sp) {
-      const int64_t k = sp.k;
-      sgd_pass2_span<S, C>(ptr<S>(xs[k]), ptr<S>(gs[k]), ptr<S>(ds[k]), sp.begin, sp.end, C(coef[k]), C(lr),
-                           C(wd));
-    });
-    return 0;
+    sgd_pass2_span<S, C>(ptr<S>(xs[sp.k]), ptr<S>(gs[sp.k]), ptr<S>(ds[sp.k]), sp.begin, sp.end, C(coef[sp.k]),
+                         C(lr), C(wd));
   });
 }
 
