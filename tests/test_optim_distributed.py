@@ -4,7 +4,8 @@ single process stepping the same gradients, to float32 rounding.
 One spawn runs every scenario (process start-up dominates): parameter subsets
 (ZeroRedundancyOptimizer style) and flat shards with zero padding (DeepSpeed ZeRO
 style), both with a ProcessGroup reducer; FSDP2 ``fully_shard`` DTensor params
-(automatic reducer); DDP-like full replicas with reducer=None. Global and per-layer.
+(automatic reducer); DDP-like full replicas with reducer=None. Global and per-layer,
+on the default and the fused (C++ on CPU) kernels.
 """
 
 import os
@@ -47,13 +48,13 @@ def _reference(cls, per_layer, kw):
 KW = {AMAdamW: dict(lr=1e-2, weight_decay=0.1), AMSGD: dict(lr=1e-2, weight_decay=0.1)}
 
 
-def _param_subsets(rank, cls, per_layer):
+def _param_subsets(rank, cls, per_layer, kw):
     import torch.distributed as dist
 
     init, grads = _problem()
     mine = [i for i in range(len(SHAPES)) if i % 2 == rank]
     params = {i: torch.nn.Parameter(init[i].clone()) for i in mine}
-    opt = cls(list(params.values()), per_layer=per_layer, reducer=dist.group.WORLD, **KW[cls])
+    opt = cls(list(params.values()), per_layer=per_layer, reducer=dist.group.WORLD, **kw)
     if per_layer:  # global layer numbering, the same on every rank
         opt.set_layer_map({params[i]: i for i in mine}, n_layers=len(SHAPES))
     betas = []
@@ -65,7 +66,7 @@ def _param_subsets(rank, cls, per_layer):
     return betas, {i: p.detach() for i, p in params.items()}
 
 
-def _flat_shard(rank, world, cls, per_layer):
+def _flat_shard(rank, world, cls, per_layer, kw):
     import torch.distributed as dist
 
     init, grads = _problem()
@@ -78,7 +79,7 @@ def _flat_shard(rank, world, cls, per_layer):
         return flat[rank * shard:(rank + 1) * shard].clone()
 
     p = torch.nn.Parameter(my_slice(init))
-    opt = cls([p], per_layer=per_layer, reducer=dist.group.WORLD, **KW[cls])
+    opt = cls([p], per_layer=per_layer, reducer=dist.group.WORLD, **kw)
     if per_layer:
         lo, spans, start = rank * shard, [], 0
         for layer, n in enumerate(sizes):
@@ -95,7 +96,7 @@ def _flat_shard(rank, world, cls, per_layer):
     return betas, p.detach(), shard, total
 
 
-def _fsdp2(cls, per_layer):
+def _fsdp2(cls, per_layer, kw):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
@@ -110,7 +111,7 @@ def _fsdp2(cls, per_layer):
     fully_shard(model[2], mesh=mesh)
     fully_shard(model, mesh=mesh)
     params = list(model.parameters())
-    opt = cls(params, per_layer=per_layer, **KW[cls])  # reducer: automatic (DTensor)
+    opt = cls(params, per_layer=per_layer, **kw)  # reducer: automatic (DTensor)
     betas = []
     for t in range(STEPS):
         for p, g in zip(params, grads[t]):
@@ -120,10 +121,10 @@ def _fsdp2(cls, per_layer):
     return betas, [p.full_tensor().detach() for p in params]
 
 
-def _ddp_like(cls, per_layer):
+def _ddp_like(cls, per_layer, kw):
     init, grads = _problem()
     params = [torch.nn.Parameter(x.clone()) for x in init]
-    opt = cls(params, per_layer=per_layer, reducer=None, **KW[cls])
+    opt = cls(params, per_layer=per_layer, reducer=None, **kw)
     betas = []
     for t in range(STEPS):
         for p, g in zip(params, grads[t]):
@@ -147,29 +148,33 @@ def _worker(rank, world, port):
     try:
         for cls in (AMAdamW, AMSGD):
             for per_layer in (False, True):
-                what = f"{cls.__name__} per_layer={per_layer}"
-                ref_betas, ref_params = _reference(cls, per_layer, KW[cls])
-                assert any(bool(((b > 0) & (b < 0.9)).any()) for b in ref_betas), "β never inside (0, β_max)"
+                # the sharded runs on the default (foreach) and the fused (C++) kernels; the
+                # single-process reference always on the default path
+                for fused in (False, True):
+                    kw = dict(KW[cls], fused=True) if fused else KW[cls]
+                    what = f"{cls.__name__} per_layer={per_layer} fused={fused}"
+                    ref_betas, ref_params = _reference(cls, per_layer, KW[cls])
+                    assert any(bool(((b > 0) & (b < 0.9)).any()) for b in ref_betas), "β never inside (0, β_max)"
 
-                betas, mine = _param_subsets(rank, cls, per_layer)
-                _close_betas(betas, ref_betas, "param subsets " + what)
-                for i, p in mine.items():
-                    torch.testing.assert_close(p, ref_params[i], **TOL)
+                    betas, mine = _param_subsets(rank, cls, per_layer, kw)
+                    _close_betas(betas, ref_betas, "param subsets " + what)
+                    for i, p in mine.items():
+                        torch.testing.assert_close(p, ref_params[i], **TOL)
 
-                betas, p, shard, total = _flat_shard(rank, world, cls, per_layer)
-                _close_betas(betas, ref_betas, "flat shards " + what)
-                flat_ref = torch.cat([x.reshape(-1) for x in ref_params] + [torch.zeros(shard * world - total)])
-                torch.testing.assert_close(p, flat_ref[rank * shard:(rank + 1) * shard], **TOL)
+                    betas, p, shard, total = _flat_shard(rank, world, cls, per_layer, kw)
+                    _close_betas(betas, ref_betas, "flat shards " + what)
+                    flat_ref = torch.cat([x.reshape(-1) for x in ref_params] + [torch.zeros(shard * world - total)])
+                    torch.testing.assert_close(p, flat_ref[rank * shard:(rank + 1) * shard], **TOL)
 
-                betas, full = _fsdp2(cls, per_layer)
-                _close_betas(betas, ref_betas, "FSDP2 " + what)
-                for a, b in zip(full, ref_params):
-                    torch.testing.assert_close(a, b, **TOL)
+                    betas, full = _fsdp2(cls, per_layer, kw)
+                    _close_betas(betas, ref_betas, "FSDP2 " + what)
+                    for a, b in zip(full, ref_params):
+                        torch.testing.assert_close(a, b, **TOL)
 
-                betas, full = _ddp_like(cls, per_layer)
-                _close_betas(betas, ref_betas, "DDP-like reducer=None " + what)
-                for a, b in zip(full, ref_params):
-                    torch.testing.assert_close(a, b, **TOL)
+                    betas, full = _ddp_like(cls, per_layer, kw)
+                    _close_betas(betas, ref_betas, "DDP-like reducer=None " + what)
+                    for a, b in zip(full, ref_params):
+                        torch.testing.assert_close(a, b, **TOL)
     finally:
         dist.destroy_process_group()
 
