@@ -399,7 +399,8 @@ def test_impl_selection():
                                                        ("forloop", None, None): [3]}
     assert F._buckets(len(ts), ts, layers, "compiled") == {
         ("compiled", torch.device("cpu"), torch.float32): [0, 1, 2], ("forloop", None, None): [3, 4]}
-    assert F._buckets(len(ts), ts, layers, "foreach") == {("foreach", torch.device("cpu"), torch.float32): [0, 1, 2, 3, 4]}
+    assert F._buckets(len(ts), ts, layers, "foreach") == {
+        ("foreach", torch.device("cpu"), torch.float32): [0, 1, 2, 3, 4]}
 
 
 def _run3(cls, impl, **kw):
