@@ -27,18 +27,19 @@ def final_params(run: Path, step: int) -> dict:
     return full_model_state(run / f"step-{step}")
 
 
-@pytest.mark.parametrize("optim", ["adamw", "am_adamw"])
-def test_resume_is_bit_exact(train_overrides, tmp_path, optim):
+@pytest.mark.parametrize("optim, impl", [("adamw", "auto"), ("am_adamw", "auto"), ("am_adamw", "fused")])
+def test_resume_is_bit_exact(train_overrides, tmp_path, optim, impl):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train.main(train_overrides(straight, **{"optim.name": optim})) == 0
+    kw = {"optim.name": optim, "optim.impl": impl}
+    assert train.main(train_overrides(straight, **kw)) == 0
     # a pre-emption after step 4 (between checkpoints, so the stop path itself saves), then resume
     os.environ["AMLLM_TEST_STOP_AT_STEP"] = "4"
     try:
-        assert train.main(train_overrides(split, **{"optim.name": optim})) == train.PREEMPTED_EXIT
+        assert train.main(train_overrides(split, **kw)) == train.PREEMPTED_EXIT
     finally:
         del os.environ["AMLLM_TEST_STOP_AT_STEP"]
     assert [p.name for p in ckpt_dirs(split)] == ["step-3", "step-4"]
-    assert train.main(train_overrides(split, **{"optim.name": optim})) == 0
+    assert train.main(train_overrides(split, **kw)) == 0
     a, b = metrics(straight), metrics(split)
     assert [r["step"] for r in b] == list(range(1, 7))        # resumed file reads as one run
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
