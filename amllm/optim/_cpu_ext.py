@@ -20,6 +20,7 @@ the compiled or foreach path. ``AMLLM_CPU_KERNELS=0`` turns the kernels off.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -47,6 +48,19 @@ def _capability() -> str:
         return "DEFAULT"
 
 
+def _announce_build(name: str) -> None:
+    """One line on stderr when nothing is built yet, so the first step's pause is explained."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private; only for this notice
+
+        folder = Path(_get_build_directory(name, verbose=False))
+        if not any(folder.glob("*.so")):
+            print(f"amllm.optim: building the fused CPU optimizer kernels (once per machine, ~25 s) in {folder}",
+                  file=sys.stderr, flush=True)
+    except Exception:  # the notice is a courtesy; the build itself reports real problems
+        pass
+
+
 def _reason(e: Exception) -> str:
     """One line for a failed build: the compiler's first ``error:`` line if there is one
     (torch's message starts with ninja's long command line), else the first line."""
@@ -63,11 +77,13 @@ def load():
             _status = "disabled by AMLLM_CPU_KERNELS=0"
             return None
         cap = _capability()
+        name = f"amllm_am_cpu_v{_VERSION}_{cap.lower()}"
         try:
             from torch.utils.cpp_extension import load as _load
 
+            _announce_build(name)
             _ext = _load(
-                name=f"amllm_am_cpu_v{_VERSION}_{cap.lower()}",
+                name=name,
                 sources=[str(_SRC)],
                 extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *_ARCH_FLAGS.get(cap, [])],
                 extra_ldflags=["-fopenmp"],
