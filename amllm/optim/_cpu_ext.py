@@ -20,6 +20,7 @@ the compiled or foreach path. ``AMLLM_CPU_KERNELS=0`` turns the kernels off.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -77,7 +78,7 @@ def load():
             _status = "disabled by AMLLM_CPU_KERNELS=0"
             return None
         cap = _capability()
-        name = f"amllm_am_cpu_v{_VERSION}_{cap.lower()}"
+        name = f"amllm_am_cpu_v{_VERSION}_{re.sub(r'[^a-z0-9]+', '_', cap.lower())}"  # e.g. "NO AVX"
         try:
             from torch.utils.cpp_extension import load as _load
 
