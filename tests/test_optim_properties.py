@@ -380,7 +380,7 @@ def test_am_sgd_beats_fixed_momentum_on_logistic_regression(lr):
 
 # ------------------------------------------------------------------ impl selection
 def test_impl_selection():
-    """auto: foreach below _COMPILE_MIN_NUMEL, fused from it on; on CPU, fused buckets
+    """auto: foreach below _FUSED_MIN_NUMEL, fused from it on; on CPU, fused buckets
     run the C++ kernels (both optimizers), "compiled" forces the Inductor kernels."""
     from amllm.optim import functional as F
 

@@ -55,7 +55,7 @@ class AMOptimizerBase(Optimizer):
 
     #: ``impl="auto"`` picks the fused kernels from this many elements on (fewer: foreach,
     #: whose speed does not matter there and which needs no build or compile time).
-    _COMPILE_MIN_NUMEL = 1 << 20
+    _FUSED_MIN_NUMEL = 1 << 20
 
     def __init__(self, params, defaults: dict, reducer=None, foreach: Optional[bool] = None,
                  fused: Optional[bool] = None):
@@ -211,12 +211,12 @@ class AMOptimizerBase(Optimizer):
 
     def _resolved_impl(self) -> str:
         """The kernel path of this step: ``auto`` becomes ``fused`` for models of at least
-        ``_COMPILE_MIN_NUMEL`` elements, else ``foreach``. (What ``fused`` runs on each
+        ``_FUSED_MIN_NUMEL`` elements, else ``foreach``. (What ``fused`` runs on each
         device, with its fallbacks, is decided per bucket in ``functional._buckets``.)"""
         if self._impl != "auto":
             return self._impl
         n = sum(local(p).numel() for g in self.param_groups for p in g["params"])
-        return "fused" if n >= self._COMPILE_MIN_NUMEL else "foreach"
+        return "fused" if n >= self._FUSED_MIN_NUMEL else "foreach"
 
     def _take_lr_ratio(self, group: dict) -> float:
         """r for this step; remembers this step's lr for the next one."""

@@ -67,7 +67,7 @@ class AMAdamW(AMOptimizerBase):
             ``torch.compile``d kernels (compiled once per process, device type and dtype);
             whatever cannot be built falls back to foreach with one warning.
             With neither given ("auto"): fused for models of ≥ 2^20 elements
-            (``_COMPILE_MIN_NUMEL``), foreach below.
+            (``_FUSED_MIN_NUMEL``), foreach below.
 
     Attributes: ``last_beta`` (0-d or ``[n_layers]`` tensor on device),
     ``fallback_count`` (0-d int64 tensor), ``last_sums`` ([L, 5] = A, B, C, D, count).
