@@ -452,6 +452,13 @@ def _sgd_buckets(grp: SGDGroup, have: list[int], impl: str) -> dict:
     return {key: [have[j] for j in idx] for key, idx in buckets.items()}
 
 
+def _sgd_rows(raw: Tensor, grp: SGDGroup, coef_a: float) -> Tensor:
+    """``[n, 3]`` raw sums (Σ G·d, Σ δ·G, Σ δ·δ, with G = g + μx) -> ``[n, 3]`` = A, B, C:
+    Σ δ·(G + λd) = Σ δG + λ(Σ δδ + Σ δG) since d = δ + G (δ kept explicit: Σ dd - 2Σ Gd + Σ GG
+    would cancel catastrophically when d ≈ G)."""
+    return torch.stack([coef_a * raw[:, 0], raw[:, 1] + grp.lam * (raw[:, 2] + raw[:, 1]), raw[:, 2]], 1)
+
+
 def _sgd_stats(grp: SGDGroup, n_layers: int, impl: str, dtype, device):
     """Partial sums over tensors that already have a buffer (new ones take d ← g)."""
     n = len(grp.params)
@@ -472,21 +479,17 @@ def _sgd_stats(grp: SGDGroup, n_layers: int, impl: str, dtype, device):
         if key[0] == "cpp":
             raw = _cpu_ext.load().sgd_pass1([grp.params[i] for i in idx], [grp.grads[i] for i in idx],
                                             [grp.momentum_buffers[i] for i in idx], grp.weight_decay)
-            raw = raw.to(dtype)  # [n, 3]: Σ G·d, Σ δ·G, Σ δ·δ with G = g + μx (as the foreach rows)
-            rows = torch.stack([coef_a * raw[:, 0], raw[:, 1] + grp.lam * (raw[:, 2] + raw[:, 1]), raw[:, 2]], 1)
-            part = _rows_to_layers(rows, grp, idx, n_layers)
+            raw = raw.to(dtype)
+            part = _rows_to_layers(_sgd_rows(raw, grp, coef_a), grp, idx, n_layers)
             scratch[key] = None
         elif key[0] == "foreach":
             X = [_up(grp.params[i]) for i in idx]
             G = [_sgd_grad(X[k], _up(grp.grads[i]), grp.weight_decay) for k, i in enumerate(idx)]
             Dm = [_up(grp.momentum_buffers[i]) for i in idx]
             Delta = torch._foreach_sub(Dm, G)
-            # Σδ·(g+λd) = Σδg + λ(Σδδ + Σδg) since d = δ + g: three dots, δ kept explicit
-            # (not Σdd - 2Σgd + Σgg, which cancels catastrophically when d ≈ g).
             raw = torch.stack([torch.stack([_dot(G[k], Dm[k]), _dot(Delta[k], G[k]), _dot(Delta[k], Delta[k])])
                                for k in range(len(idx))])
-            rows = torch.stack([coef_a * raw[:, 0], raw[:, 1] + grp.lam * (raw[:, 2] + raw[:, 1]), raw[:, 2]], 1)
-            part = _rows_to_layers(rows, grp, idx, n_layers)
+            part = _rows_to_layers(_sgd_rows(raw, grp, coef_a), grp, idx, n_layers)
             scratch[key] = (X, Dm, Delta)
         else:
             part = sum(_sgd_stats_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i], lam=grp.lam,
