@@ -291,23 +291,22 @@ def _host_scalars(vec: Tensor, layers: list[Layer], idx: list[int]) -> list[floa
 
 def _adamw_stats_cpp(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: int):
     """Pass 1 of the C++ kernels: v in place, the sums of all tensors in one call
-    (Σgx, Σδx only with weight decay: x is then not read at all)."""
+    (Σgx, Σδx only with weight decay: x is then not read at all). The bucket's tensor
+    lists go into the scratch for pass 2."""
     ext = _cpu_ext.load()
     c1s = _host_scalars(c1, grp.layers, idx)
     isc2 = [_inv_sqrt_c2(grp.beta2, grp.steps[i]) for i in idx]
+    xgdv = [[lst[i] for i in idx] for lst in (grp.params, grp.grads, grp.exp_avgs, grp.exp_avg_sqs)]
     with_x = grp.weight_decay != 0
-    raw = ext.adamw_pass1([grp.params[i] for i in idx], [grp.grads[i] for i in idx], [grp.exp_avgs[i] for i in idx],
-                          [grp.exp_avg_sqs[i] for i in idx], c1s, isc2, grp.beta2, grp.eps, grp.lam, with_x)
+    raw = ext.adamw_pass1(*xgdv, c1s, isc2, grp.beta2, grp.eps, grp.lam, with_x)
     raw = raw.to(c1.dtype)[:, :5 if with_x else 3]
-    return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, n_layers), (c1s, isc2)
+    return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, n_layers), (xgdv, c1s, isc2)
 
 
 def _adamw_apply_cpp(grp: AdamWGroup, idx: list[int], scratch, beta: Tensor):
-    c1s, isc2 = scratch
-    _cpu_ext.load().adamw_pass2(
-        [grp.params[i] for i in idx], [grp.grads[i] for i in idx], [grp.exp_avgs[i] for i in idx],
-        [grp.exp_avg_sqs[i] for i in idx], c1s, _host_scalars(beta, grp.layers, idx), isc2, grp.eps, grp.lam,
-        grp.lr, grp.weight_decay)
+    xgdv, c1s, isc2 = scratch
+    _cpu_ext.load().adamw_pass2(*xgdv, c1s, _host_scalars(beta, grp.layers, idx), isc2, grp.eps, grp.lam,
+                                grp.lr, grp.weight_decay)
 
 
 def _adamw_apply_foreach(grp: AdamWGroup, idx: list[int], scratch, beta: Tensor):
@@ -476,12 +475,11 @@ def _sgd_stats(grp: SGDGroup, n_layers: int, impl: str, dtype, device):
                 packed[layer, -1] += grp.params[i].numel()
     scratch = {}
     for key, idx in _sgd_buckets(grp, have, impl).items():
-        if key[0] == "cpp":
-            raw = _cpu_ext.load().sgd_pass1([grp.params[i] for i in idx], [grp.grads[i] for i in idx],
-                                            [grp.momentum_buffers[i] for i in idx], grp.weight_decay)
-            raw = raw.to(dtype)
+        if key[0] == "cpp":  # the bucket's tensor lists go into the scratch for pass 2
+            xgd = [[lst[i] for i in idx] for lst in (grp.params, grp.grads, grp.momentum_buffers)]
+            raw = _cpu_ext.load().sgd_pass1(*xgd, grp.weight_decay).to(dtype)
             part = _rows_to_layers(_sgd_rows(raw, grp, coef_a), grp, idx, n_layers)
-            scratch[key] = None
+            scratch[key] = xgd
         elif key[0] == "foreach":
             X = [_up(grp.params[i]) for i in idx]
             G = [_sgd_grad(X[k], _up(grp.grads[i]), grp.weight_decay) for k, i in enumerate(idx)]
@@ -511,8 +509,7 @@ def _sgd_apply(grp: SGDGroup, sc, beta: Tensor, impl: str):
     for key, idx in _sgd_buckets(grp, have, impl).items():
         if key[0] == "cpp":  # d ← d + (β-1)/(1+λ) δ, x ← x - η d (G = g + μx recomputed)
             coef = [(b - 1) / (1 + grp.lam) for b in _host_scalars(beta, grp.layers, idx)]
-            _cpu_ext.load().sgd_pass2([grp.params[i] for i in idx], [grp.grads[i] for i in idx],
-                                      [grp.momentum_buffers[i] for i in idx], coef, grp.lr, grp.weight_decay)
+            _cpu_ext.load().sgd_pass2(*scratch[key], coef, grp.lr, grp.weight_decay)
         elif key[0] == "foreach":
             X, Dm, Delta = scratch[key]
             # d ← ((β+λ)d + (1-β)g)/(1+λ) = d - (1-β)/(1+λ) δ
