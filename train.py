@@ -27,6 +27,7 @@ from amllm import checkpoint as ckpt
 from amllm import faults
 from amllm.config import ConfigError, load_config, save_config
 from amllm.data import BatchSampler, DataError, load_shards, load_tokenizer, prepare, shard_dir, val_batches
+from amllm.debug import no_host_reads
 from amllm.evaluate import evaluate
 from amllm.metrics import MetricsLogger, beta_stats
 from amllm.model import build_model, config_fingerprint, count_params, flops_per_token, load_llama_config, lm_loss
@@ -156,35 +157,42 @@ def main(argv=None) -> int:
     # ---- the training loop -------------------------------------------------------------------------
     stop = StopRequest()  # SIGTERM / SIGINT: finish the step, checkpoint, exit with PREEMPTED_EXIT
     progress = Progress(is_main and cfg.log.progress, start_step, total_steps)
-    guard = faults.NonFiniteGuard(cfg.train.nonfinite, device, skipped)  # NaN/inf loss or grad: stop | skip
+    # NaN/inf loss or gradient: the update is skipped on the device; at checks: stop | skip (faults.py)
+    guard = faults.NonFiniteGuard(cfg.train.nonfinite, device, skipped, first_step=start_step)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     model.train()
     t_last, last_logged = time.perf_counter(), start_step
     for step in range(start_step, total_steps):
+        done = step + 1
+        last = done == total_steps
+        logs = done % cfg.log.every == 0 or last
+        evals = bool(cfg.eval.every and done % cfg.eval.every == 0) or last
+        saves = bool(cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last
+        checks = logs or evals or saves or done % cfg.train.check_every == 0  # the steps that read flags
         lr = lr_at(step, cfg.optim.lr, total_steps, cfg.schedule)
         backend.set_lr(lr)
 
-        # forward/backward over this rank's micro-batches; gradients are synced on the last one only
-        loss_sum = torch.zeros((), device=device)
-        micro_batches = sampler.next_batch()
-        faults.crash_hook(step + 1, info.rank, run_dir)  # test hook (a lost rank); no-op unless set
-        for i, (x, y) in enumerate(micro_batches):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with backend.micro_step(last=i == accum - 1), autocast:
-                loss = faults.poison_loss(lm_loss(model(input_ids=x).logits, y), step + 1, info.rank)  # test hook
-            backend.backward(loss, accum)
-            loss_sum += loss.detach()
-
-        # global-norm clipping (norm measured either way, for logging), then the update
-        grad_norm = backend.clip_and_norm(cfg.optim.grad_clip)
-        # one all-reduce decides, the same on every rank: skip a non-finite step? stop after this step?
-        backend.step(apply=not guard.skip(step + 1, loss_sum, grad_norm, stop=stop.requested(step + 1)))
+        # a step that does none of the above reads nothing back from the device (train.sync_debug checks it)
+        with no_host_reads(device, cfg.train.sync_debug and not checks and step >= start_step + 2):
+            # forward/backward over this rank's micro-batches; gradients are synced on the last one only
+            loss_sum = torch.zeros((), device=device)
+            micro_batches = sampler.next_batch()
+            faults.crash_hook(done, info.rank, run_dir)  # test hook (a lost rank); no-op unless set
+            for i, (x, y) in enumerate(micro_batches):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with backend.micro_step(last=i == accum - 1), autocast:
+                    loss = faults.poison_loss(lm_loss(model(input_ids=x).logits, y), done, info.rank)  # test hook
+                backend.backward(loss, accum)
+                loss_sum += loss.detach()
+            # clip, guard (one all-reduce of the flags: non-finite loss/gradient, stop wish), update, zero grads
+            grad_norm = backend.optimizer_step(loss_sum, guard, stop=stop.requested(done))
         tokens_seen += tokens_per_step
-        done = step + 1
+        if checks:
+            guard.check(done)  # the host read: skip warnings, or NonFiniteError (stop mode); the agreed stop
 
-        if done % cfg.log.every == 0 or done == total_steps:
+        if logs:
             loss_avg = D.all_reduce_sum_(loss_sum / accum) / info.world_size
-            loss_val = loss_avg.item()  # the one host sync of a logged step
+            loss_val = loss_avg.item()
             now = time.perf_counter()
             tps = tokens_per_step * (done - last_logged) / (now - t_last)
             t_last, last_logged = now, done
@@ -199,15 +207,13 @@ def main(argv=None) -> int:
             logger.log(rec)
             progress.update(done, rec)
 
-        last = done == total_steps
-        if (cfg.eval.every and done % cfg.eval.every == 0) or last:
+        if evals:
             result = evaluate(model, val, device, autocast, lockstep=backend.lockstep_eval)
             logger.log({"kind": "eval", "step": done, "tokens": tokens_seen, **result, "time": time.time()})
             progress.write(f"step {done}: val_loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.1f})")
-        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or last:
+        if saves or guard.stop_requested:  # a stop agreed by all ranks: one save, also on a cadence step
             save(done)
-        elif guard.stop_requested:  # agreed by all ranks in the guard's all-reduce
-            save(done)
+        if guard.stop_requested and not last:
             progress.close()
             logger.close()
             if is_main:

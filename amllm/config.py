@@ -181,6 +181,14 @@ class TrainConfig:
     `skipped_steps`, continue). Stop is the default because a NaN in fp32/bf16 training usually means
     divergence, and skipping forever would burn the allocation silently; resume a stopped run with
     train.nonfinite=skip to step over one bad batch."""
+    check_every: int = 10
+    """Read the step flags on the host every N steps (also on every logged, evaluated and saved step): a
+    non-finite loss or gradient and a stop request (SIGTERM/SIGINT on any rank) are acted on within N
+    steps. Between checks a step makes no host read: the update of a non-finite step is skipped on the
+    device (docs/faults.md)."""
+    sync_debug: bool = False
+    """Debug: fail at the first host read of a device value in a step that neither logs, evaluates,
+    saves nor checks (CUDA: torch.cuda.set_sync_debug_mode("error"); CPU: a dispatch-mode counter)."""
 
     def __post_init__(self) -> None:
         _positive("train.max_steps", self.max_steps)
@@ -191,6 +199,7 @@ class TrainConfig:
         _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
         _check(self.threads is None or self.threads > 0, f"train.threads={self.threads!r} must be > 0 or null")
         _one_of("train.nonfinite", self.nonfinite, ("stop", "skip"))
+        _positive("train.check_every", self.check_every)
 
 
 @dataclass

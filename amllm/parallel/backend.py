@@ -6,9 +6,11 @@
         with backend.micro_step(last):         # gradient sync on the last micro-batch only
             loss = lm_loss(backend.model(input_ids=x).logits, y)
         backend.backward(loss, accum)
-    grad_norm = backend.clip_and_norm(max_norm)
-    backend.step()                             # or skip it (non-finite guard)
+    grad_norm = backend.optimizer_step(loss_sum, guard, stop)   # clip, guard, update, zero grads
     backend.write(tmp_dir) / backend.read(ckpt_dir)
+
+The backend owns the whole optimizer step, so no caller needs to know that DeepSpeed clips and
+measures the norm inside its own step. A step makes no host read (see faults.NonFiniteGuard).
 
 | backend   | model                      | AM statistics                          | checkpoint files        |
 |-----------|----------------------------|----------------------------------------|-------------------------|
@@ -31,6 +33,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError
+from ..faults import NonFiniteGuard, takes_found_inf
 from ..optim_factory import build_optimizer
 from .distributed import DistInfo, wrap_ddp
 
@@ -75,15 +78,16 @@ class Backend:
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         (loss / accum).backward()
 
-    def clip_and_norm(self, max_norm: float) -> torch.Tensor:
-        """Global-norm clipping (max_norm 0: measure only). Returns the pre-clip norm."""
-        norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm if max_norm > 0 else math.inf)
-        return _full(norm)
-
-    def step(self, apply: bool = True) -> None:
-        if apply:
-            self.optimizer.step()
+    def optimizer_step(self, loss_sum: torch.Tensor, guard: NonFiniteGuard, stop: bool = False) -> torch.Tensor:
+        """The whole optimizer step: global-norm clipping (optim.grad_clip; 0: measure only), the
+        non-finite guard's flags (one all-reduce), the update (skipped on the device when the flags or
+        the AM statistics are non-finite), zeroed gradients. Returns the pre-clip norm (device)."""
+        max_norm = self.cfg.optim.grad_clip
+        norm = _full(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
+                                                    max_norm if max_norm > 0 else math.inf))
+        guarded_step(self.optimizer, guard, guard.observe(loss_sum, norm, stop))
         self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def grad_norm(self, measured: torch.Tensor) -> float:
         """The step's pre-clip global gradient norm, for logging (one host sync)."""
@@ -155,9 +159,10 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, cfg: Config, info: DistInfo):
         super().__init__(cfg, info)
-        if cfg.train.nonfinite == "skip":
-            raise ConfigError("train.nonfinite=skip is not available with parallel.backend=deepspeed (the engine "
-                              "steps by itself); use train.nonfinite=stop")
+        if cfg.train.nonfinite == "skip" and not cfg.optim.name.startswith("am_"):
+            raise ConfigError(f"train.nonfinite=skip with parallel.backend=deepspeed needs optim.name=am_adamw or "
+                              f"am_sgd (their step detects a non-finite gradient on the device; DeepSpeed measures "
+                              f"the norm inside its own step), not {cfg.optim.name}; use train.nonfinite=stop")
         if cfg.train.precision == "bf16_pure":
             raise ConfigError("train.precision=bf16_pure is not available with parallel.backend=deepspeed; use "
                               "train.precision=bf16 (DeepSpeed keeps bf16 weights with fp32 master copies)")
@@ -189,18 +194,21 @@ class DeepSpeedBackend(Backend):
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # a no-op but for DeepSpeed's micro-step counters
 
-    def clip_and_norm(self, max_norm: float) -> torch.Tensor:
-        return torch.zeros(())  # DeepSpeed clips inside step(); the norm is read after it
-
-    def step(self, apply: bool = True) -> None:
-        self.engine.step()  # clips (gradient_clipping), steps and zeroes at the accumulation boundary
+    def optimizer_step(self, loss_sum: torch.Tensor, guard: NonFiniteGuard, stop: bool = False) -> None:
+        """DeepSpeed clips (gradient_clipping), steps and zeroes inside ``engine.step()``; the norm is
+        only known in there, so the guard's flags carry the loss and the stop request, and the AM
+        optimizer DeepSpeed steps (``skip_nonfinite``) catches non-finite gradients from its own
+        all-reduced statistics and skips the update on the device. Returns None (the norm is read
+        from the engine on logged steps)."""
+        flags = guard.observe(loss_sum, None, stop)
+        guarded_step(self.am_optimizer, guard, flags, self.engine.step)
 
     def set_lr(self, lr: float) -> None:
         from . import deepspeed_backend as dsb
 
         dsb.set_lr(self.engine, lr)
 
-    def grad_norm(self, measured: torch.Tensor) -> float:
+    def grad_norm(self, measured) -> float:
         norm = self.engine.get_global_grad_norm()  # DeepSpeed measured it inside step()
         return float(norm) if norm is not None else float("nan")
 
@@ -216,6 +224,30 @@ class DeepSpeedBackend(Backend):
         from . import deepspeed_backend as dsb
 
         dsb.load_checkpoint(self.engine, path, tag="deepspeed")
+
+
+def guarded_step(optimizer, guard: NonFiniteGuard, flags: torch.Tensor, step=None) -> None:
+    """``step()`` (default ``optimizer.step``) unless the guard's flags say skip, decided on the device
+    where the optimizer can (``found_inf``); then tell the guard what happened.
+
+    AM optimizers also get ``skip_nonfinite``: their statistics are all-reduced anyway, and a NaN/inf
+    gradient on any rank makes them non-finite on every rank, so the skip needs no extra collective."""
+    step = step or optimizer.step
+    found = guard.found_inf(flags)
+    if takes_found_inf(optimizer):
+        optimizer.found_inf = found
+        if hasattr(optimizer, "skip_nonfinite"):
+            optimizer.skip_nonfinite = True
+        step()
+        skipped = optimizer.last_skipped if hasattr(optimizer, "last_skipped") else found
+    elif guard.needs_host_decision(optimizer):  # skip mode, an optimizer that cannot skip by itself
+        skipped = found
+        if not bool(found):  # the one host read of such a step (docs/faults.md)
+            step()
+    else:  # stop mode: the step goes ahead; the next check stops the run before anything is saved
+        step()
+        skipped = torch.zeros_like(found)
+    guard.record(flags, skipped)
 
 
 BACKENDS = {"ddp": Backend, "fsdp2": FSDP2Backend, "deepspeed": DeepSpeedBackend}
