@@ -59,15 +59,39 @@ def load_llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int | None = No
     return hf
 
 
-def build_model(hf_config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
+class LlamaLM(LlamaForCausalLM):
+    """transformers' LlamaForCausalLM, plus a training forward that returns the loss itself.
+
+    ``model(input_ids=x)`` is LlamaForCausalLM's forward (``.logits``, generation, HF export).
+    ``model(input_ids=x, targets=y)`` runs the decoder (``self.model``: embeddings, blocks, final
+    norm) and returns the next-token cross entropy of ``lm_head(hidden)`` without the whole batch's
+    logits when ``loss_chunk`` > 0 (see :func:`chunked_lm_loss`). The loss is computed inside
+    ``forward`` so that DDP, FSDP2's root hooks (which gather the lm head) and the DeepSpeed engine
+    all see one ordinary forward call. Parameter names are LlamaForCausalLM's.
+    """
+
+    loss_chunk: int = 0  # tokens per chunk of the loss; 0: the whole batch's logits (lm_loss)
+
+    def forward(self, input_ids=None, targets=None, reduction: str = "mean", **kwargs):
+        if targets is None:
+            return super().forward(input_ids=input_ids, **kwargs)
+        hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state  # (B, T, H), after the final norm
+        if self.loss_chunk <= 0:
+            return lm_loss(self.lm_head(hidden), targets, reduction)
+        return chunked_lm_loss(hidden, self.lm_head.weight, targets, self.loss_chunk, reduction)
+
+
+def build_model(hf_config: LlamaConfig, seed: int = 0, loss_chunk: int = 0) -> LlamaLM:
     """A freshly initialised LLaMA (normal(0, initializer_range) weights), identical for a seed.
 
     The seed is set here, not by the caller, so every rank and every resumed run starts from the
     same initial weights without depending on what consumed the global RNG before.
+    ``loss_chunk``: tokens per chunk of the training loss (train.loss_chunk; 0: whole-batch logits).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(hf_config)
+        model = LlamaLM(hf_config)
+    model.loss_chunk = int(loss_chunk)
     return model
 
 
@@ -102,6 +126,85 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
     bf16 rounding hurts most.
     """
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+
+
+def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of ``t`` runs in here: autocast's (bf16 under train.precision=bf16) or its own."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
+
+
+def _chunked_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                grad_h: torch.Tensor | None = None, grad_w: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over rows of CE(h @ weight.T, targets), ``chunk`` rows at a time; when ``grad_h`` / ``grad_w``
+    are given, also d(sum)/dh into ``grad_h`` and d(sum)/dweight added to ``grad_w`` (fp32).
+
+    h: (N, H), weight: (V, H), targets: (N,). The matmuls run in the autocast dtype (as lm_head does
+    under autocast); each chunk's logits are upcast to fp32 for the log-softmax, as :func:`lm_loss`
+    does for the whole batch -- only one chunk's (chunk, V) fp32 logits exist at a time.
+    """
+    mm = _matmul_dtype(weight)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        w = weight.to(mm)
+        for s in range(0, h.shape[0], chunk):
+            hc, yc = h[s:s + chunk].to(mm), targets[s:s + chunk]
+            logits = (hc @ w.t()).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g[torch.arange(g.shape[0], device=g.device), yc] -= 1.0  # d CE / d logits = softmax - onehot
+            g = g.to(mm)
+            if grad_h is not None:
+                grad_h[s:s + chunk] = g @ w
+            if grad_w is not None:
+                if mm == grad_w.dtype:
+                    grad_w.addmm_(g.t(), hc)
+                else:  # bf16 matmul per chunk, summed over chunks in fp32
+                    grad_w += g.t() @ hc
+    return total
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum CE(h @ W.T, y) whose gradients are computed chunk by chunk in the forward (no recompute,
+    no (N, V) tensor) and kept for the backward, which only scales them by the incoming gradient.
+    Costs dL/dh (N, H) and an fp32 dL/dW (V, H) held from forward to backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        total = _chunked_ce(h, weight, targets, chunk, grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                    reduction: str = "mean") -> torch.Tensor:
+    """:func:`lm_loss` of ``hidden @ weight.T`` without materialising the (B, T, V) logits.
+
+    hidden: (B, T, H) final-norm output; weight: the lm head (V, H); targets: (B, T), all valid
+    (the sampler never pads). The logits exist ``chunk`` tokens at a time (fp32 for the softmax);
+    the same loss and gradients as ``lm_loss(lm_head(hidden), targets)`` up to float summation order
+    (tests/test_perf.py). Saves per micro-batch, vs. that path: the fp32 copy of the logits, their
+    gradient and the lm head's (B, T, V) output.
+    """
+    h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        total = _ChunkedLinearCrossEntropy.apply(h, weight, y, int(chunk))
+    else:  # evaluation: no gradients to build
+        total = _chunked_ce(h, weight, y, int(chunk))
+    return total / y.numel() if reduction == "mean" else total
 
 
 def transformer_blocks(model: LlamaForCausalLM) -> list[torch.nn.Module]:

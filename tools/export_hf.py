@@ -18,7 +18,9 @@ sys.path.insert(0, str(ROOT))
 from amllm import checkpoint as ckpt  # noqa: E402
 from amllm.config import ConfigError, load_config  # noqa: E402
 from amllm.data import DataError, load_tokenizer  # noqa: E402
-from amllm.model import build_model, load_llama_config  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from amllm.model import load_llama_config  # noqa: E402
 from amllm.parallel.backend import full_model_state  # noqa: E402
 
 
@@ -37,7 +39,7 @@ def export(src: Path, out: Path) -> Path:
     cfg = load_config(step / "config.yaml")
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.data_dir)
     hf_config = load_llama_config(cfg.model, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id)
-    model = build_model(hf_config)
+    model = LlamaForCausalLM(hf_config)  # not amllm's LlamaLM (same weights): config.json names the HF class
     model.load_state_dict(full_model_state(step))  # model.pt, FSDP2's dcp/ or DeepSpeed's shards
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
