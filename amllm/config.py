@@ -170,7 +170,25 @@ class TrainConfig:
     """auto (cuda if available, else cpu) | cpu | cuda."""
     seed: int = 0
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile each transformer block's forward (fullgraph: a graph break is an error) after
+    activation checkpointing and before DDP / FSDP2 wrap the model (torchtitan's order); with
+    parallel.backend=deepspeed, DeepSpeed's engine.compile(). Off by default: compiling takes minutes
+    per model shape and most of the CPU demo's time; turn it on for GPU runs."""
+    loss_chunk: int = 1024
+    """Tokens per chunk of the training cross-entropy: the lm head's logits exist for that many tokens at a
+    time (fp32 for the log-softmax) and their gradients are formed chunk by chunk in the forward, so the
+    whole micro-batch's (tokens x vocab) logits, their fp32 copy and their gradient never exist. 0: the
+    plain path (lm_head over the whole micro-batch, then the loss on its fp32 copy). Same loss and
+    gradients either way (float summation order aside). Default 1024: at the paper's vocabulary (32k) the
+    plain path holds ~3 x 4 x 32000 bytes per token (0.8 GB per 2k-token micro-batch), more than a 350M
+    model's activations; 1024 x 32000 fp32 logits (131 MB) per chunk keep the matmul large."""
+    activation_checkpointing: str = "none"
+    """none | full (recompute every transformer block in the backward, keep only its input) | selective
+    (every ac_every-th block). Costs one more forward of the checkpointed blocks (~+33% of their compute);
+    off by default because the paper's models (<= 1B) at their per-GPU micro-batches fit on 40-80 GB
+    GPUs without it (python tools/bench_memory.py estimates yours); turn it on to raise the micro-batch."""
+    ac_every: int = 2
+    """activation_checkpointing=selective: checkpoint blocks 0, k, 2k, ... (k = ac_every >= 1)."""
     tf32: bool = True
     """Allow TF32 matmuls on CUDA (no effect on CPU)."""
     threads: int | None = None
@@ -200,6 +218,9 @@ class TrainConfig:
         _check(self.threads is None or self.threads > 0, f"train.threads={self.threads!r} must be > 0 or null")
         _one_of("train.nonfinite", self.nonfinite, ("stop", "skip"))
         _positive("train.check_every", self.check_every)
+        _positive("train.loss_chunk", self.loss_chunk, allow_zero=True)
+        _one_of("train.activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
+        _positive("train.ac_every", self.ac_every)
 
 
 @dataclass
@@ -264,9 +285,15 @@ class ParallelConfig:
     """ddp (also the single-process path) | fsdp2 | deepspeed."""
     deepspeed_config: str | None = None
     """DeepSpeed JSON (configs/deepspeed/*.json) when backend=deepspeed."""
+    reshard_after_forward: str = "default"
+    """FSDP2: free the gathered parameters of a block after its forward (and gather them again for the
+    backward)? default (torchtitan's: yes for every block but the last, whose backward follows at once) |
+    always | never (keeps whole parameters from forward to backward: less communication, ZeRO-2's
+    memory)."""
 
     def __post_init__(self) -> None:
         _one_of("parallel.backend", self.backend, ("ddp", "fsdp2", "deepspeed"))
+        _one_of("parallel.reshard_after_forward", self.reshard_after_forward, ("default", "always", "never"))
         if self.backend == "deepspeed":
             _check(bool(self.deepspeed_config),
                    "parallel.backend=deepspeed needs parallel.deepspeed_config=configs/deepspeed/<file>.json")

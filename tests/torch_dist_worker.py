@@ -13,6 +13,12 @@ def build(case: dict, world: int):
     from amllm.optim import AMAdamW
 
     model = tiny_llama()
+    if case.get("ac") or case.get("compile"):  # before wrapping, as the backends do (amllm/parallel/blocks.py)
+        from amllm.parallel.blocks import apply_ac, compile_blocks
+
+        apply_ac(model, case.get("ac", "none"), case.get("ac_every", 2))
+        if case.get("compile"):
+            compile_blocks(model)
     if case["backend"] == "fsdp2":
         from amllm.parallel.fsdp import apply_fsdp2
 
@@ -73,9 +79,20 @@ def train_steps(model, opt, steps, rank, world) -> dict:
         out["beta"].append(opt.last_beta.detach().double().clone())
         out["sums"].append(opt.last_sums[:, :4].detach().double().clone())
         out["opt_all_reduces"].append(c.calls)
+        out.setdefault("graphs", []).append(_compiled_graphs())
+    from torch._dynamo.utils import counters
+
+    out["dynamo"] = {"graph_breaks": sum(counters["graph_break"].values()),
+                     "frames_after_step1": out["graphs"][-1] - out["graphs"][0]}
     with torch.no_grad():
         out["eval_loss"] = model(input_ids=eval_batch(), labels=eval_batch()).loss.item()
     return out
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def run_cases(rank: int, world: int, port: int, cases: list, out_path: str) -> None:

@@ -4,7 +4,7 @@
     backend.setup(model)                       # wrap (DDP / fully_shard / deepspeed.initialize), build optimizer
     for each micro-batch i:
         with backend.micro_step(last):         # gradient sync on the last micro-batch only
-            loss = lm_loss(backend.model(input_ids=x).logits, y)
+            loss = backend.model(input_ids=x, targets=y)   # LlamaLM: the loss, chunked
         backend.backward(loss, accum)
     grad_norm = backend.optimizer_step(loss_sum, guard, stop)   # clip, guard, update, zero grads
     backend.write(tmp_dir) / backend.read(ckpt_dir)
@@ -35,6 +35,7 @@ from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError
 from ..faults import NonFiniteGuard, takes_found_inf
 from ..optim_factory import build_optimizer
+from .blocks import prepare_blocks
 from .distributed import DistInfo, wrap_ddp
 
 
@@ -54,7 +55,7 @@ class Backend:
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module) -> None:
-        self.raw_model = model
+        self.raw_model = prepare_blocks(model, self.cfg.train)  # AC, then per-block compile, then DDP
         self.model = wrap_ddp(model, self.info)
         # DDP hands every rank the full averaged gradient: AM statistics need no reduction.
         self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device, reducer=None)
@@ -127,7 +128,9 @@ class FSDP2Backend(Backend):
     def setup(self, model: torch.nn.Module) -> None:
         from .fsdp import apply_fsdp2
 
-        self.raw_model = self.model = apply_fsdp2(model, self.cfg.train.precision)
+        prepare_blocks(model, self.cfg.train)  # AC, then per-block compile, then fully_shard
+        self.raw_model = self.model = apply_fsdp2(model, self.cfg.train.precision,
+                                                  reshard_after_forward=self.cfg.parallel.reshard_after_forward)
         # DTensor parameters: the AM optimizer all-reduces its partial sums over the mesh itself.
         self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device, reducer=None)
 
@@ -170,7 +173,7 @@ class DeepSpeedBackend(Backend):
     def setup(self, model: torch.nn.Module) -> None:
         from . import deepspeed_backend as dsb
 
-        self.raw_model = model
+        self.raw_model = prepare_blocks(model, self.cfg.train, compile=False)  # AC; the engine compiles itself
         optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device, reducer=None)
         self.engine = dsb.build_engine(model, optimizer, self.cfg)
         self.model = self.engine

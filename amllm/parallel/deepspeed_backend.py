@@ -376,6 +376,8 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: 
         if engine.optimizer is client:  # not expected with ZeRO > 0; keep the template path working
             raise RuntimeError("DeepSpeed did not wrap the optimizer for ZeRO stage > 0")
         client.bind(engine.optimizer)
+    if cfg.train.compile:
+        engine.compile()  # DeepSpeed's own: torch.compile of the module, aware of its ZeRO hooks
     return engine
 
 

@@ -129,7 +129,9 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DDP(model, device_ids=device_ids)
+    # gradients are views into DDP's all-reduce buckets: no copy in or out of the buckets, and no
+    # second gradient-sized buffer (the optimizer reads .grad in place; zero_grad(set_to_none) is fine)
+    return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def cleanup() -> None:

@@ -44,12 +44,28 @@ def mixed_precision_policy(precision: str):
     return MixedPrecisionPolicy()
 
 
-def apply_fsdp2(model: nn.Module, precision: str = "fp32", mesh=None, reshard_after_forward: bool = True) -> nn.Module:
+def reshard_policy(policy: str | bool, n_blocks: int) -> list[bool]:
+    """``reshard_after_forward`` per block for parallel.reshard_after_forward: default (torchtitan's:
+    every block but the last -- FSDP would gather the last one again at once for its backward) |
+    always | never; a bool means always / never."""
+    if policy is True or policy == "always":
+        return [True] * n_blocks
+    if policy is False or policy == "never":
+        return [False] * n_blocks
+    if policy == "default":
+        return [i < n_blocks - 1 for i in range(n_blocks)]
+    raise ValueError(f"reshard_after_forward={policy!r}: choose default, always or never")
+
+
+def apply_fsdp2(model: nn.Module, precision: str = "fp32", mesh=None,
+                reshard_after_forward: str | bool = "default") -> nn.Module:
     """``fully_shard`` each transformer block, then the root (embeddings, final norm, lm head).
 
-    Call after moving the model to its device (and casting it for ``bf16_pure``) and before
+    Call after moving the model to its device (and casting it for ``bf16_pure``), after
+    activation checkpointing and per-block compilation (``blocks.prepare_blocks``), and before
     building the optimizer. ``mesh``: a 1-D DeviceMesh (default: all ranks, on the model's
-    device type, so CUDA/NCCL and CPU/gloo both work).
+    device type, so CUDA/NCCL and CPU/gloo both work). ``reshard_after_forward``: see
+    :func:`reshard_policy` (FSDP2 itself keeps the root's parameters gathered after forward).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -60,9 +76,11 @@ def apply_fsdp2(model: nn.Module, precision: str = "fp32", mesh=None, reshard_af
         device_type = next(model.parameters()).device.type
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     mp = mixed_precision_policy(precision)
-    for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    blocks = transformer_blocks(model)
+    for block, reshard in zip(blocks, reshard_policy(reshard_after_forward, len(blocks))):
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward != "never"
+                and reshard_after_forward is not False)
     return model
 
 
