@@ -29,8 +29,8 @@ from amllm.config import ConfigError, load_config, save_config
 from amllm.data import BatchSampler, DataError, load_shards, load_tokenizer, prepare, shard_dir, val_batches
 from amllm.debug import no_host_reads
 from amllm.evaluate import evaluate
-from amllm.metrics import MetricsLogger, beta_stats
-from amllm.model import build_model, config_fingerprint, count_params, flops_per_token, load_llama_config, lm_loss
+from amllm.metrics import MetricsLogger, beta_stats, peak_flops, throughput
+from amllm.model import build_model, config_fingerprint, count_params, flops_per_token, load_llama_config
 from amllm.optim_factory import last_beta
 from amllm.parallel import distributed as D
 from amllm.parallel.backend import check_resumable, make_backend
@@ -80,16 +80,15 @@ def main(argv=None) -> int:
     # ---- model and optimizer -----------------------------------------------------------------------
     hf_config = load_llama_config(cfg.model, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
                                   seq_len=cfg.data.seq_len)
-    model = build_model(hf_config, seed=cfg.train.seed)
+    model = build_model(hf_config, seed=cfg.train.seed, loss_chunk=cfg.train.loss_chunk)
     n_params = count_params(model)
     flops_tok = flops_per_token(hf_config, n_params["non_embedding"], cfg.data.seq_len)
     if cfg.train.precision == "bf16_pure":
         model = model.to(torch.bfloat16)  # the paper's harness: bf16 weights; AM statistics stay fp32
     model = model.to(device)
-    backend.setup(model)  # wraps the model (DDP / fully_shard / DeepSpeed engine), builds the optimizer
+    # activation checkpointing, per-block compile, then wrapping (DDP / fully_shard / DeepSpeed engine); the optimizer
+    backend.setup(model)
     model, optimizer = backend.model, backend.am_optimizer
-    if cfg.train.compile:
-        model = torch.compile(model)
 
     # ---- resume ------------------------------------------------------------------------------------
     meta_now = {"model_fingerprint": config_fingerprint(hf_config), "model": cfg.model.name,
@@ -160,6 +159,7 @@ def main(argv=None) -> int:
     # NaN/inf loss or gradient: the update is skipped on the device; at checks: stop | skip (faults.py)
     guard = faults.NonFiniteGuard(cfg.train.nonfinite, device, skipped, first_step=start_step)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    peak = peak_flops(device, cfg.train.precision, cfg.train.tf32)  # for MFU; None on CPU
     model.train()
     t_last, last_logged = time.perf_counter(), start_step
     for step in range(start_step, total_steps):
@@ -181,7 +181,8 @@ def main(argv=None) -> int:
             for i, (x, y) in enumerate(micro_batches):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with backend.micro_step(last=i == accum - 1), autocast:
-                    loss = faults.poison_loss(lm_loss(model(input_ids=x).logits, y), done, info.rank)  # test hook
+                    loss = model(input_ids=x, targets=y)  # the mean next-token loss (chunked: train.loss_chunk)
+                    loss = faults.poison_loss(loss, done, info.rank)  # test hook
                 backend.backward(loss, accum)
                 loss_sum += loss.detach()
             # clip, guard (one all-reduce of the flags: non-finite loss/gradient, stop wish), update, zero grads
@@ -194,25 +195,28 @@ def main(argv=None) -> int:
             loss_avg = D.all_reduce_sum_(loss_sum / accum) / info.world_size
             loss_val = loss_avg.item()
             now = time.perf_counter()
-            tps = tokens_per_step * (done - last_logged) / (now - t_last)
+            speed = throughput(tokens_per_step * (done - last_logged), now - t_last, info.world_size, flops_tok, peak)
             t_last, last_logged = now, done
             rec = {"kind": "train", "step": done, "tokens": tokens_seen, "loss": loss_val, "lr": lr,
                    "grad_norm": backend.grad_norm(grad_norm),
                    **beta_stats(last_beta(optimizer)),
-                   "tokens_per_s": tps, "tflops": tps * flops_tok / 1e12, "skipped_steps": guard.skipped,
-                   "time": time.time()}
+                   **speed, "skipped_steps": guard.skipped, "time": time.time()}
             fallbacks = getattr(optimizer, "fallback_count", None)
             if fallbacks is not None:
                 rec["beta_fallbacks"] = int(fallbacks.item())
             logger.log(rec)
             progress.update(done, rec)
 
+        if (evals or saves) and device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's kernels finish inside the training time
+        paused = time.perf_counter()  # evaluation and checkpoint time is kept out of tokens/s and MFU
         if evals:
             result = evaluate(model, val, device, autocast, lockstep=backend.lockstep_eval)
             logger.log({"kind": "eval", "step": done, "tokens": tokens_seen, **result, "time": time.time()})
             progress.write(f"step {done}: val_loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.1f})")
         if saves or guard.stop_requested:  # a stop agreed by all ranks: one save, also on a cadence step
             save(done)
+        t_last += time.perf_counter() - paused
         if guard.stop_requested and not last:
             progress.close()
             logger.close()
@@ -296,7 +300,7 @@ def load_checkpoint(path: Path, backend, optimizer: torch.optim.Optimizer, optim
 
 
 class Progress:
-    """tqdm bar on rank 0 (step, loss, lr, β, tokens/s, ETA); silent elsewhere."""
+    """tqdm bar on rank 0 (step, loss, lr, β, tokens/s per device, MFU, ETA); silent elsewhere."""
 
     def __init__(self, enabled: bool, start: int, total: int):
         self.bar = None
@@ -312,8 +316,10 @@ class Progress:
         post = {"loss": f"{rec['loss']:.3f}", "lr": f"{rec['lr']:.2e}"}
         if rec.get("beta") is not None:
             post["beta"] = f"{rec['beta']:.3f}"
-        if rec.get("tokens_per_s"):
-            post["tok/s"] = f"{rec['tokens_per_s']:,.0f}"
+        if rec.get("tokens_per_s_per_device"):
+            post["tok/s/dev"] = f"{rec['tokens_per_s_per_device']:,.0f}"
+        if rec.get("mfu") is not None:
+            post["mfu"] = f"{100 * rec['mfu']:.1f}%"
         self.bar.set_postfix(post, refresh=False)
         self.bar.refresh()
 

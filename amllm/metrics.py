@@ -3,10 +3,14 @@
 metrics.jsonl holds one JSON object per line:
 
     {"kind": "train", "step", "tokens", "loss", "lr", "grad_norm", "beta", "beta_min", "beta_max",
-     "betas" (per-layer runs), "beta_fallbacks", "tokens_per_s", "tflops", "time"}
+     "betas" (per-layer runs), "beta_fallbacks", "tokens_per_s", "tokens_per_s_per_device", "tflops",
+     "tflops_per_device", "mfu", "time"}
     {"kind": "eval", "step", "tokens", "val_loss", "val_ppl", "val_tokens", "time"}
 
-`step` counts completed optimizer steps (1 after the first update). On resume the file is cut
+`step` counts completed optimizer steps (1 after the first update). Throughput is over the training
+steps since the previous train line, evaluation and checkpoint time excluded: `tokens_per_s` for the
+whole job, `..._per_device` per GPU (per rank on CPU), `mfu` = achieved / peak FLOP/s of one device
+(:func:`peak_flops`; null where the peak is unknown, e.g. on CPU). On resume the file is cut
 back to the checkpoint's step first, so a resumed run's file reads as if it had never stopped.
 """
 
@@ -34,6 +38,38 @@ def beta_stats(last_beta: torch.Tensor | None) -> dict:
         return {"beta": None, "beta_min": None, "beta_max": None}
     return {"beta": b.mean().item(), "beta_min": b.min().item(), "beta_max": b.max().item(),
             "betas": [round(x, 6) for x in b.tolist()]}
+
+
+# Dense peak FLOP/s per GPU from the vendors' data sheets (no sparsity), by the dtype matmuls run in.
+# "tf32": fp32 training with TF32 matmuls allowed (train.tf32, the default on CUDA).
+PEAK_TFLOPS = {
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "H100": {"bf16": 989.0, "tf32": 494.5, "fp32": 67.0},  # SXM
+    "H200": {"bf16": 989.0, "tf32": 494.5, "fp32": 67.0},
+}
+
+
+def peak_flops(device: torch.device, precision: str, tf32: bool = True, name: str | None = None) -> float | None:
+    """Peak FLOP/s of one device for train.precision (bf16 / bf16_pure: bf16; fp32: tf32 when allowed).
+    None on CPU and on GPUs not in :data:`PEAK_TFLOPS` (MFU is then logged as null)."""
+    if device.type != "cuda" and name is None:
+        return None
+    name = name if name is not None else torch.cuda.get_device_name(device)
+    kind = "bf16" if precision.startswith("bf16") else "tf32" if tf32 else "fp32"
+    for gpu in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if all(part in name for part in gpu.split()):
+            return PEAK_TFLOPS[gpu][kind] * 1e12
+    return None
+
+
+def throughput(tokens: float, seconds: float, world: int, flops_per_token: float, peak: float | None) -> dict:
+    """The throughput fields of a train line for ``tokens`` trained in ``seconds`` over ``world`` devices."""
+    tps = tokens / seconds
+    per_device = tps / world
+    return {"tokens_per_s": tps, "tokens_per_s_per_device": per_device, "tflops": tps * flops_per_token / 1e12,
+            "tflops_per_device": per_device * flops_per_token / 1e12,
+            "mfu": per_device * flops_per_token / peak if peak else None}
 
 
 def truncate_after(path: Path, step: int) -> None:

@@ -98,3 +98,177 @@ def test_chunked_ce_keeps_no_full_logits(micro_model):
 
     assert biggest_saved(_model(micro_model, loss_chunk=0)) >= n_full
     assert biggest_saved(_model(micro_model, loss_chunk=64)) < n_full / 4
+
+
+# ---- activation checkpointing -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,every,expect", [("full", 2, [0, 1]), ("selective", 2, [0]), ("none", 2, [])])
+def test_activation_checkpointing_gives_identical_loss_and_gradients(micro_model, mode, every, expect):
+    from amllm.parallel.blocks import apply_ac
+
+    x, y = _batch()
+    ref_loss, ref = _loss_and_grads(_model(micro_model, loss_chunk=64), x, y)
+    m = _model(micro_model, loss_chunk=64)
+    assert apply_ac(m, mode, every) == expect
+    m.train()
+    loss, grads = _loss_and_grads(m, x, y)
+    assert torch.equal(loss, ref_loss)  # the recompute runs the same kernels on the same inputs
+    assert all(torch.equal(grads[n], ref[n]) for n in ref)
+
+
+def test_activation_checkpointing_saves_less(micro_model):
+    """The backward of a checkpointed block keeps only its input: fewer saved bytes than without."""
+    from amllm.parallel.blocks import apply_ac
+
+    x, y = _batch(4, 64)
+
+    def saved_bytes(model):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.model(input_ids=x, use_cache=False)  # the decoder: embeddings, blocks, final norm
+        return total[0]
+
+    plain = _model(micro_model)
+    ac = _model(micro_model)
+    apply_ac(ac, "full")
+    ac.train()
+    assert saved_bytes(ac) < 0.5 * saved_bytes(plain)
+
+
+def test_config_errors():
+    from amllm.config import ConfigError, config_from_dict
+
+    for section, key, value, msg in [
+            ("train", "activation_checkpointing", "some", r"train.activation_checkpointing='some' is not valid; choose one of none, full, selective"),
+            ("train", "ac_every", 0, r"train.ac_every=0 must be > 0"),
+            ("train", "loss_chunk", -1, r"train.loss_chunk=-1 must be >= 0"),
+            ("parallel", "reshard_after_forward", "maybe", r"parallel.reshard_after_forward='maybe' is not valid; choose one of default, always, never"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            config_from_dict({section: {key: value}})
+
+
+def test_reshard_policy_is_torchtitans():
+    from amllm.parallel.fsdp import reshard_policy
+
+    assert reshard_policy("default", 3) == [True, True, False]
+    assert reshard_policy("always", 2) == [True, True] and reshard_policy(False, 2) == [False, False]
+
+
+# ---- the same on 2 ranks: FSDP2 and DDP ----------------------------------------------------------------
+
+def _spawn_two(tmp_path, cases):
+    import torch.multiprocessing as mp
+
+    from tests.dist_cases import free_port
+    from tests.torch_dist_worker import run_cases
+
+    out = tmp_path / "res.pt"
+    mp.spawn(run_cases, args=(2, free_port(), cases, str(out)), nprocs=2)
+    return torch.load(out, weights_only=False)
+
+
+def _assert_same_run(a, b, tol):
+    """Losses, the AM sums (A, B, C, D: inner products of gradient, momentum, preconditioner) and the
+    final eval loss of two runs agree to ``tol`` relative."""
+    torch.testing.assert_close(torch.tensor(b["loss"]), torch.tensor(a["loss"]), rtol=tol, atol=0)
+    for s_a, s_b in zip(a["sums"], b["sums"]):
+        torch.testing.assert_close(s_b, s_a, rtol=10 * tol, atol=1e-7)
+    assert abs(b["eval_loss"] - a["eval_loss"]) <= tol * abs(a["eval_loss"])
+
+
+@pytest.mark.slow
+def test_two_ranks_activation_checkpointing_matches(tmp_path):
+    """2 CPU ranks: FSDP2 with full AC and DDP with selective AC give the plain runs' losses, β's and
+    gradient statistics to fp32 rounding (AC applied before wrapping, as the backends do)."""
+    res = _spawn_two(tmp_path, [dict(name="fsdp2", backend="fsdp2", steps=3),
+                                dict(name="fsdp2_ac", backend="fsdp2", steps=3, ac="full"),
+                                dict(name="ddp", backend="ddp", steps=3),
+                                dict(name="ddp_ac", backend="ddp", steps=3, ac="selective")])
+    _assert_same_run(res["fsdp2"], res["fsdp2_ac"], 1e-6)
+    _assert_same_run(res["ddp"], res["ddp_ac"], 1e-6)
+
+
+@pytest.mark.slow
+def test_two_ranks_per_block_compile(tmp_path):
+    """FSDP2 over blocks that were checkpointed, then compiled (fullgraph), and DDP over compiled
+    blocks: the eager runs' numbers to
+    the compile tolerance; no graph break, no frame compiled after the first step (the blocks share
+    one graph). ~1-2 min on 2 loaded cores, most of it Inductor compiling."""
+    res = _spawn_two(tmp_path, [dict(name="fsdp2", backend="fsdp2", steps=3),
+                                dict(name="fsdp2_ac_compile", backend="fsdp2", steps=3, ac="full", compile=True),
+                                dict(name="ddp", backend="ddp", steps=3),
+                                dict(name="ddp_compile", backend="ddp", steps=3, compile=True)])
+    for plain in ("fsdp2", "ddp"):
+        name = next(n for n in res if n.startswith(plain + "_"))
+        _assert_same_run(res[plain], res[name], 1e-4)
+        dyn = res[name]["dynamo"]
+        assert dyn["graph_breaks"] == 0 and dyn["frames_after_step1"] == 0, (name, dyn)
+        assert res[name]["graphs"][0] > res[plain]["graphs"][-1]  # it did compile
+
+
+# ---- throughput and MFU ---------------------------------------------------------------------------------
+
+def test_peak_flops_table_and_mfu_by_hand():
+    import math
+
+    from amllm.metrics import peak_flops, throughput
+
+    cuda = torch.device("cuda")
+    assert peak_flops(cuda, "bf16", name="NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops(cuda, "bf16_pure", name="NVIDIA H200") == 989e12
+    assert peak_flops(cuda, "fp32", tf32=True, name="NVIDIA A100-SXM4-80GB") == 156e12
+    assert peak_flops(cuda, "fp32", tf32=False, name="NVIDIA A100-SXM4-80GB") == 19.5e12
+    assert peak_flops(cuda, "bf16", name="NVIDIA H100 PCIe") == 756e12
+    assert peak_flops(cuda, "bf16", name="Tesla T4") is None
+    assert peak_flops(torch.device("cpu"), "fp32") is None
+    # by hand: 8 GPUs, 2 steps of 1024 x 256 tokens in 4 s, 2.4e9 FLOPs per token, H100 bf16
+    r = throughput(2 * 1024 * 256, 4.0, 8, 2.4e9, 989e12)
+    assert r["tokens_per_s"] == 131072.0 and r["tokens_per_s_per_device"] == 16384.0
+    assert math.isclose(r["tflops"], 131072 * 2.4e9 / 1e12) and math.isclose(r["tflops_per_device"], 39.3216)
+    assert math.isclose(r["mfu"], 16384 * 2.4e9 / 989e12)  # 0.03976
+    assert throughput(1, 1.0, 1, 1.0, None)["mfu"] is None
+
+
+def test_train_py_switches_and_throughput_fields(train_overrides, tmp_path, monkeypatch):
+    """train.py with AC (selective) and the plain loss path trains the same numbers as the defaults
+    (chunked loss, no AC); its train lines carry per-device tokens/s, TFLOP/s and mfu (null on CPU),
+    consistent with each other; eval and checkpoint steps do not drag the next window down."""
+    import json
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    def run(name, **kw):
+        assert train.main(train_overrides(tmp_path / name, **kw)) == 0
+        return [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+
+    import time
+
+    real_evaluate = train.evaluate
+
+    def slow_evaluate(*args, **kw):  # a 1.5 s evaluation after steps 3 and 6 (eval.every=3)
+        time.sleep(1.5)
+        return real_evaluate(*args, **kw)
+
+    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    a = run("default")
+    step_s = [r["tokens"] / r["step"] / r["tokens_per_s"] for r in a]  # seconds per step, window of one step
+    assert step_s[3] < 1.0, step_s  # step 4 follows the eval + checkpoint of step 3: not counted
+    b = run("ac_plain_loss", **{"train.activation_checkpointing": "selective", "train.ac_every": 1,
+                                "train.loss_chunk": 0})
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-6 * abs(ra["loss"])
+    for r in a:
+        assert r["tokens_per_s_per_device"] == r["tokens_per_s"]  # one process
+        assert abs(r["tflops_per_device"] - r["tokens_per_s"] * (r["tflops"] / r["tokens_per_s"])) < 1e-12
+        assert r["mfu"] is None
