@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     # ---- model and optimizer -----------------------------------------------------------------------
     hf_config = load_llama_config(cfg.model, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
                                   seq_len=cfg.data.seq_len)
-    model = build_model(hf_config, seed=cfg.train.seed, loss_chunk=cfg.train.loss_chunk)
+    model = build_model(hf_config, seed=cfg.train.seed, loss_chunk=cfg.train.loss_chunk,
+                        attention=cfg.model.attn_implementation)
     n_params = count_params(model)
     flops_tok = flops_per_token(hf_config, n_params["non_embedding"], cfg.data.seq_len)
     if cfg.train.precision == "bf16_pure":

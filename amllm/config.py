@@ -45,16 +45,24 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     _check(ok, f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+ATTENTION_CHOICES = ("sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "flash_attention_2", "eager")
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"
     """A model in configs/models/<name>.json (tiny, llama_20m ... llama_1b) or a path to such a JSON."""
     attn_implementation: str = "sdpa"
-    """transformers attention backend: sdpa (default, fused where available) or eager."""
+    """Attention kernel. sdpa (default): torch's scaled_dot_product_attention, which picks the fastest
+    kernel it supports (FlashAttention-2 on recent GPUs, a flash kernel on CPU); sdpa_flash |
+    sdpa_efficient | sdpa_cudnn | sdpa_math: SDPA restricted to that one kernel (torch.nn.attention.
+    sdpa_kernel; torch raises at the first forward if the device lacks it); flash_attention_2: the
+    flash-attn package through transformers (needs `pip install flash-attn` and a CUDA GPU); eager: the
+    reference matmul + softmax."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name is empty; give a name from configs/models/ (e.g. llama_60m) or a JSON path")
-        _one_of("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _one_of("model.attn_implementation", self.attn_implementation, ATTENTION_CHOICES)
 
 
 @dataclass

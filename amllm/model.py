@@ -52,7 +52,14 @@ def load_llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int | None = No
     raw["vocab_size"] = int(vocab_size)
     if eos_id is not None:
         raw["eos_token_id"] = int(eos_id)
-    hf = LlamaConfig(**raw, attn_implementation=cfg.attn_implementation)
+    attn = cfg.attn_implementation
+    if attn == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package and a CUDA "
+                              "GPU (pip install flash-attn); use sdpa (it runs FlashAttention-2 kernels where it can)")
+    hf = LlamaConfig(**raw, attn_implementation="sdpa" if attn.startswith("sdpa_") else attn)
     if seq_len is not None and seq_len > hf.max_position_embeddings:
         raise ConfigError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings="
                           f"{hf.max_position_embeddings} ({path.name}); lower data.seq_len")
@@ -71,27 +78,46 @@ class LlamaLM(LlamaForCausalLM):
     """
 
     loss_chunk: int = 0  # tokens per chunk of the loss; 0: the whole batch's logits (lm_loss)
+    sdpa_backend = None  # a torch.nn.attention.SDPBackend every forward is restricted to (model.attn_implementation=sdpa_*)
 
     def forward(self, input_ids=None, targets=None, reduction: str = "mean", **kwargs):
+        if self.sdpa_backend is not None:
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(self.sdpa_backend):
+                return self._forward(input_ids, targets, reduction, **kwargs)
+        return self._forward(input_ids, targets, reduction, **kwargs)
+
+    def _forward(self, input_ids, targets, reduction, **kwargs):
         if targets is None:
             return super().forward(input_ids=input_ids, **kwargs)
+        kwargs.setdefault("use_cache", False)  # training: no KV cache (config.use_cache would build one)
         hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state  # (B, T, H), after the final norm
         if self.loss_chunk <= 0:
             return lm_loss(self.lm_head(hidden), targets, reduction)
         return chunked_lm_loss(hidden, self.lm_head.weight, targets, self.loss_chunk, reduction)
 
 
-def build_model(hf_config: LlamaConfig, seed: int = 0, loss_chunk: int = 0) -> LlamaLM:
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
+                 "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_math": "MATH"}
+
+
+def build_model(hf_config: LlamaConfig, seed: int = 0, loss_chunk: int = 0, attention: str | None = None) -> LlamaLM:
     """A freshly initialised LLaMA (normal(0, initializer_range) weights), identical for a seed.
 
     The seed is set here, not by the caller, so every rank and every resumed run starts from the
     same initial weights without depending on what consumed the global RNG before.
     ``loss_chunk``: tokens per chunk of the training loss (train.loss_chunk; 0: whole-batch logits).
+    ``attention``: model.attn_implementation; an ``sdpa_*`` value restricts SDPA to that kernel.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaLM(hf_config)
     model.loss_chunk = int(loss_chunk)
+    if attention in SDPA_BACKENDS:
+        from torch.nn.attention import SDPBackend
+
+        model.sdpa_backend = getattr(SDPBackend, SDPA_BACKENDS[attention])
     return model
 
 

@@ -272,3 +272,28 @@ def test_train_py_switches_and_throughput_fields(train_overrides, tmp_path, monk
         assert r["tokens_per_s_per_device"] == r["tokens_per_s"]  # one process
         assert abs(r["tflops_per_device"] - r["tokens_per_s"] * (r["tflops"] / r["tokens_per_s"])) < 1e-12
         assert r["mfu"] is None
+
+
+# ---- attention backends ---------------------------------------------------------------------------------
+
+def test_attention_backends(micro_model):
+    from amllm.config import ConfigError
+    from amllm.model import SDPA_BACKENDS
+
+    x, y = _batch(2, 16)
+    ref = _model(micro_model)(input_ids=x, targets=y)
+    for name in ("sdpa_math", "sdpa_flash", "eager"):  # the CPU has these kernels
+        cfg = ModelConfig(name=micro_model, attn_implementation=name)
+        m = build_model(load_llama_config(cfg, vocab_size=VOCAB), attention=name)
+        assert (m.sdpa_backend is not None) == (name in SDPA_BACKENDS)
+        assert abs(m(input_ids=x, targets=y).item() - ref.item()) < 1e-5
+    with pytest.raises(RuntimeError, match="No viable backend for scaled_dot_product_attention"):  # restricted to a kernel the CPU lacks
+        m = build_model(load_llama_config(ModelConfig(name=micro_model), vocab_size=VOCAB), attention="sdpa_efficient")
+        m(input_ids=x, targets=y)
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        with pytest.raises(ConfigError, match=r"^model.attn_implementation=flash_attention_2 needs the flash-attn package"):
+            load_llama_config(ModelConfig(name=micro_model, attn_implementation="flash_attention_2"), vocab_size=VOCAB)
+    with pytest.raises(ConfigError, match=r"model.attn_implementation='flash' is not valid; choose one of sdpa, sdpa_flash"):
+        ModelConfig(attn_implementation="flash")
