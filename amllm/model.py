@@ -91,7 +91,9 @@ class LlamaLM(LlamaForCausalLM):
     def _forward(self, input_ids, targets, reduction, **kwargs):
         if targets is None:
             return super().forward(input_ids=input_ids, **kwargs)
-        kwargs.setdefault("use_cache", False)  # training: no KV cache (config.use_cache would build one)
+        # use_cache stays config.use_cache (True) as in LlamaForCausalLM's own training forward: without a cache,
+        # transformers' mask code reads a device value on the host (a packed-sequence check) every forward.
+        # The cache only references the keys/values that attention saves anyway, and is dropped here.
         hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state  # (B, T, H), after the final norm
         if self.loss_chunk <= 0:
             return lm_loss(self.lm_head(hidden), targets, reduction)

@@ -297,3 +297,18 @@ def test_attention_backends(micro_model):
             load_llama_config(ModelConfig(name=micro_model, attn_implementation="flash_attention_2"), vocab_size=VOCAB)
     with pytest.raises(ConfigError, match=r"model.attn_implementation='flash' is not valid; choose one of sdpa, sdpa_flash"):
         ModelConfig(attn_implementation="flash")
+
+
+@pytest.mark.parametrize("chunk,ac", [(0, "none"), (16, "none"), (16, "full")])
+def test_training_forward_backward_reads_nothing_on_the_host(micro_model, chunk, ac):
+    """The loss paths and AC add no host read of a device value to a step (train.sync_debug's rule)."""
+    from amllm.debug import HostReads
+    from amllm.parallel.blocks import apply_ac
+
+    x, y = _batch()
+    m = _model(micro_model, loss_chunk=chunk)
+    apply_ac(m, ac)
+    m.train()
+    with HostReads() as reads:
+        m(input_ids=x, targets=y).backward()
+    assert reads.count == 0, reads.where

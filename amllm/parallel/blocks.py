@@ -34,6 +34,10 @@ def apply_ac(model: nn.Module, mode: str, every: int = 2) -> list[int]:
     # preserve_rng_state=False: LLaMA has no dropout, so the recompute needs no RNG replay (torchtitan's choice)
     model.activation_checkpointing_enable(
         activation_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False}, every_n_layers=k)
+    blocks = set(map(id, _blocks(model)))
+    for module in model.modules():  # only the blocks checkpoint; the decoder itself must not turn its KV cache
+        if id(module) not in blocks and hasattr(module, "gradient_checkpointing"):  # off: without one, transformers'
+            module.gradient_checkpointing = False  # mask code reads a device value on the host every forward
     return [i for i, b in enumerate(_blocks(model)) if getattr(b, "gradient_checkpointing", False)]
 
 
