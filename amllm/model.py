@@ -7,6 +7,7 @@ knows nothing about distribution: `amllm/parallel/` wraps it (DDP, FSDP2, DeepSp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -159,7 +160,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a matmul of ``t`` runs in here: autocast's (bf16 under train.precision=bf16) or its own."""
     dev = t.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
+    on = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)  # (not on "meta": tools/bench_memory.py)
+    return torch.get_autocast_dtype(dev) if on else t.dtype
 
 
 def _chunked_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
@@ -173,7 +175,9 @@ def _chunked_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ch
     """
     mm = _matmul_dtype(weight)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
-    with torch.autocast(h.device.type, enabled=False):
+    no_autocast = torch.autocast(h.device.type, enabled=False) if torch.amp.is_autocast_available(h.device.type) \
+        else contextlib.nullcontext()
+    with no_autocast:
         w = weight.to(mm)
         for s in range(0, h.shape[0], chunk):
             hc, yc = h[s:s + chunk].to(mm), targets[s:s + chunk]
