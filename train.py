@@ -27,6 +27,7 @@ from amllm import checkpoint as ckpt
 from amllm import faults
 from amllm.config import ConfigError, load_config, save_config
 from amllm.data import BatchSampler, DataError, load_shards, load_tokenizer, prepare, shard_dir, val_batches
+from amllm.data.device import DeviceInputs
 from amllm.debug import no_host_reads
 from amllm.evaluate import evaluate
 from amllm.metrics import MetricsLogger, beta_stats, peak_flops, throughput
@@ -160,6 +161,7 @@ def main(argv=None) -> int:
     # NaN/inf loss or gradient: the update is skipped on the device; at checks: stop | skip (faults.py)
     guard = faults.NonFiniteGuard(cfg.train.nonfinite, device, skipped, first_step=start_step)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    to_device = DeviceInputs(device)
     peak = peak_flops(device, cfg.train.precision, cfg.train.tf32)  # for MFU; None on CPU
     model.train()
     t_last, last_logged = time.perf_counter(), start_step
@@ -177,10 +179,9 @@ def main(argv=None) -> int:
         with no_host_reads(device, cfg.train.sync_debug and not checks and step >= start_step + 2):
             # forward/backward over this rank's micro-batches; gradients are synced on the last one only
             loss_sum = torch.zeros((), device=device)
-            micro_batches = sampler.next_batch()
+            micro_batches = to_device(sampler.next_batch())  # CUDA: pinned, copied on a side stream; CPU: as is
             faults.crash_hook(done, info.rank, run_dir)  # test hook (a lost rank); no-op unless set
             for i, (x, y) in enumerate(micro_batches):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with backend.micro_step(last=i == accum - 1), autocast:
                     loss = model(input_ids=x, targets=y)  # the mean next-token loss (chunked: train.loss_chunk)
                     loss = faults.poison_loss(loss, done, info.rank)  # test hook

@@ -312,3 +312,13 @@ def test_training_forward_backward_reads_nothing_on_the_host(micro_model, chunk,
     with HostReads() as reads:
         m(input_ids=x, targets=y).backward()
     assert reads.count == 0, reads.where
+
+
+def test_device_inputs_leave_cpu_batches_alone():
+    """CPU: the micro-batches are used as they are (no copy, no pinning): the default job is unchanged.
+    The CUDA path (pinned memory, side-stream copies) needs a GPU and is not exercised here."""
+    from amllm.data.device import DeviceInputs
+
+    mbs = [_batch(2, 8, seed=s) for s in range(3)]
+    out = list(DeviceInputs(torch.device("cpu"))(mbs))
+    assert all(a[0] is b[0] and a[1] is b[1] for a, b in zip(out, mbs)) and len(out) == 3
