@@ -37,6 +37,10 @@ def make_engine(case: dict):
     from amllm.parallel.deepspeed_backend import build_engine
 
     model = tiny_llama()
+    if case.get("ac"):  # before the engine, as DeepSpeedBackend.setup does
+        from amllm.parallel.blocks import apply_ac
+
+        apply_ac(model, case["ac"], case.get("ac_every", 2))
     groups = model.parameters() if case.get("one_group") else param_groups(model)
     opt = AMAdamW(groups, lr=LRS[0], betas=(0.9, 0.99), per_layer=case.get("per_layer", False))
     ds = ds_config(case["stage"], case.get("sub_group_size"), case.get("fp32_accum", False), case.get("offload", False))

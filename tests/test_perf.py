@@ -322,3 +322,21 @@ def test_device_inputs_leave_cpu_batches_alone():
     mbs = [_batch(2, 8, seed=s) for s in range(3)]
     out = list(DeviceInputs(torch.device("cpu"))(mbs))
     assert all(a[0] is b[0] and a[1] is b[1] for a, b in zip(out, mbs)) and len(out) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_two_ranks_deepspeed_zero2_activation_checkpointing_matches(tmp_path):
+    """DeepSpeed ZeRO-2 on 2 ranks: full AC applied before the engine gives the plain engine's losses, β's,
+    gradient statistics and final eval loss to fp32 rounding."""
+    pytest.importorskip("deepspeed")
+    import torch.multiprocessing as mp
+
+    from tests.dist_cases import free_port
+    from tests.ds_worker import run_cases
+
+    out = tmp_path / "res.pt"
+    cases = [dict(name="zero2", stage=2, steps=3), dict(name="zero2_ac", stage=2, steps=3, ac="full")]
+    mp.spawn(run_cases, args=(2, free_port(), cases, str(out)), nprocs=2)
+    res = torch.load(out, weights_only=False)
+    _assert_same_run(res["zero2"], res["zero2_ac"], 1e-6)
