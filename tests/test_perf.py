@@ -183,15 +183,21 @@ def _assert_same_run(a, b, tol):
 
 
 @pytest.mark.slow
-def test_two_ranks_activation_checkpointing_matches(tmp_path):
-    """2 CPU ranks: FSDP2 with full AC and DDP with selective AC give the plain runs' losses, β's and
-    gradient statistics to fp32 rounding (AC applied before wrapping, as the backends do)."""
+def test_two_ranks_activation_checkpointing_and_chunked_loss_match(tmp_path):
+    """2 CPU ranks: FSDP2 with full AC, DDP with selective AC, and the chunked loss (FSDP2; DDP + AC) give
+    the plain runs' losses, β's and gradient statistics to fp32 rounding (AC applied before wrapping, as
+    the backends do)."""
     res = _spawn_two(tmp_path, [dict(name="fsdp2", backend="fsdp2", steps=3),
                                 dict(name="fsdp2_ac", backend="fsdp2", steps=3, ac="full"),
+                                dict(name="fsdp2_chunked", backend="fsdp2", steps=3, loss_chunk=5),
                                 dict(name="ddp", backend="ddp", steps=3),
-                                dict(name="ddp_ac", backend="ddp", steps=3, ac="selective")])
+                                dict(name="ddp_ac", backend="ddp", steps=3, ac="selective"),
+                                dict(name="ddp_chunked_ac", backend="ddp", steps=3, loss_chunk=5, ac="full")])
     _assert_same_run(res["fsdp2"], res["fsdp2_ac"], 1e-6)
     _assert_same_run(res["ddp"], res["ddp_ac"], 1e-6)
+    # the chunked loss through FSDP2's root (gathered lm head) and DDP's gradient hooks
+    _assert_same_run(res["fsdp2"], res["fsdp2_chunked"], 1e-6)
+    _assert_same_run(res["ddp"], res["ddp_chunked_ac"], 1e-6)
 
 
 @pytest.mark.slow

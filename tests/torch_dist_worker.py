@@ -13,6 +13,13 @@ def build(case: dict, world: int):
     from amllm.optim import AMAdamW
 
     model = tiny_llama()
+    if case.get("loss_chunk"):  # amllm's LlamaLM (same weights): the loss from the model, chunked
+        from amllm.model import LlamaLM
+
+        lm = LlamaLM(model.config)
+        lm.load_state_dict(model.state_dict())
+        lm.loss_chunk = case["loss_chunk"]
+        model = lm
     if case.get("ac") or case.get("compile"):  # before wrapping, as the backends do (amllm/parallel/blocks.py)
         from amllm.parallel.blocks import apply_ac, compile_blocks
 
@@ -66,7 +73,7 @@ def train_steps(model, opt, steps, rank, world) -> dict:
         mbs = micro_batches(step, rank, world)
         total = torch.zeros(())
         for ids in mbs:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = _loss(model, ids)
             (loss / len(mbs)).backward()  # DDP/FSDP2 average over ranks; we average over micro-steps
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
@@ -87,6 +94,16 @@ def train_steps(model, opt, steps, rank, world) -> dict:
     with torch.no_grad():
         out["eval_loss"] = model(input_ids=eval_batch(), labels=eval_batch()).loss.item()
     return out
+
+
+def _loss(model, ids):
+    """transformers' shifted loss (labels=ids); for LlamaLM the same loss from the chunked path: positions
+    0..T-2 of a causal model see the same tokens whether or not the last one is fed."""
+    from amllm.model import LlamaLM
+
+    if isinstance(getattr(model, "module", model), LlamaLM):
+        return model(input_ids=ids[:, :-1], targets=ids[:, 1:])
+    return model(input_ids=ids, labels=ids).loss
 
 
 def _compiled_graphs() -> int:
