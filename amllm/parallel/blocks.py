@@ -44,6 +44,11 @@ def apply_ac(model: nn.Module, mode: str, every: int = 2) -> list[int]:
 def _block_forward(block: nn.Module, *args, **kwargs):
     # looked up at call time: FSDP2 swaps the block's class (FSDP<Layer>), and transformers' AC
     # wrapper checkpoints only through the outermost class's forward
+    if block.training and torch.is_grad_enabled():
+        # a training step has no use for the KV cache the decoder passes down (LlamaLM keeps it on only to
+        # spare the mask code a host read); without it, the AC wrapper has nothing to warn about -- a
+        # logging call inside the compiled graph would be a graph break
+        kwargs.update(cache=None, use_cache=False)
     return type(block).forward(block, *args, **kwargs)
 
 
