@@ -10,7 +10,9 @@ metrics.jsonl holds one JSON object per line:
 `step` counts completed optimizer steps (1 after the first update). Throughput is over the training
 steps since the previous train line, evaluation and checkpoint time excluded: `tokens_per_s` for the
 whole job, `..._per_device` per GPU (per rank on CPU), `mfu` = achieved / peak FLOP/s of one device
-(:func:`peak_flops`; null where the peak is unknown, e.g. on CPU). On resume the file is cut
+(:func:`peak_flops`; null where the peak is unknown, e.g. on CPU). FLOPs are model FLOPs
+(`model.flops_per_token`: 6N + attention): the recompute of activation checkpointing is not counted,
+as in PaLM's and torchtitan's MFU. On resume the file is cut
 back to the checkpoint's step first, so a resumed run's file reads as if it had never stopped.
 """
 
