@@ -94,7 +94,9 @@ class LlamaLM(LlamaForCausalLM):
             return super().forward(input_ids=input_ids, **kwargs)
         # use_cache stays config.use_cache (True) as in LlamaForCausalLM's own training forward: without a cache,
         # transformers' mask code reads a device value on the host (a packed-sequence check) every forward.
-        # The cache only references the keys/values that attention saves anyway, and is dropped here.
+        # The cache copies each layer's keys/values during the forward and is freed as the decoder returns,
+        # before the loss (the step's peak is not raised: tools/bench_memory.py; checkpointed and compiled
+        # blocks skip it).
         hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state  # (B, T, H), after the final norm
         if self.loss_chunk <= 0:
             return lm_loss(self.lm_head(hidden), targets, reduction)
