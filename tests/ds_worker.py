@@ -23,11 +23,11 @@ def ds_config(stage: int, sub_group_size: int | None = None, fp32_accum: bool = 
     return ds
 
 
-def trainer_config(bf16: bool):
+def trainer_config(bf16: bool, compile: bool = False):
     from amllm.config import config_from_dict
 
     return config_from_dict({"train": {"batch_size": GLOBAL_BATCH, "micro_batch_size": MICRO,
-                                       "precision": "bf16" if bf16 else "fp32"},
+                                       "precision": "bf16" if bf16 else "fp32", "compile": compile},
                              "optim": {"grad_clip": CLIP}, "parallel": {"backend": "deepspeed",
                                                                         "deepspeed_config": "unused.json"}})
 
@@ -44,7 +44,7 @@ def make_engine(case: dict):
     groups = model.parameters() if case.get("one_group") else param_groups(model)
     opt = AMAdamW(groups, lr=LRS[0], betas=(0.9, 0.99), per_layer=case.get("per_layer", False))
     ds = ds_config(case["stage"], case.get("sub_group_size"), case.get("fp32_accum", False), case.get("offload", False))
-    engine = build_engine(model, opt, trainer_config(case.get("bf16", False)), ds_config=ds)
+    engine = build_engine(model, opt, trainer_config(case.get("bf16", False), case.get("compile", False)), ds_config=ds)
     if case.get("naive"):
         # negative control: step at each of DeepSpeed's per-group calls (reducing over the DP group
         # each time) -> a per-group β, what the deferral exists to prevent
@@ -71,6 +71,12 @@ def train_steps(engine, steps, rank, world) -> dict:
         out["loss"].append(total.item() / (world * len(micro_batches(step, rank, world))))
         out["beta"].append(am.last_beta.detach().double().clone())
         out["sums"].append(am.last_sums[:, :4].detach().double().clone())
+        from tests.torch_dist_worker import _compiled_graphs
+
+        out.setdefault("graphs", []).append(_compiled_graphs())
+    from torch._dynamo.utils import counters
+
+    out["dynamo"] = {"graph_breaks": dict(counters["graph_break"]), "frames_after_step1": out["graphs"][-1] - out["graphs"][0]}
     return out
 
 

@@ -373,3 +373,25 @@ def test_train_py_compile_with_ac(train_overrides, tmp_path):
     compiled = run("compiled", **{"train.compile": "true"})
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_two_ranks_deepspeed_zero2_engine_compile(tmp_path):
+    """DeepSpeed ZeRO-2 on 2 ranks with train.compile=true (build_engine calls engine.compile(), DeepSpeed's
+    whole-module compile): the eager engine's numbers to the compile tolerance, no frame compiled after
+    the first step, and no graph break."""
+    pytest.importorskip("deepspeed")
+    import torch.multiprocessing as mp
+
+    from tests.dist_cases import free_port
+    from tests.ds_worker import run_cases
+
+    out = tmp_path / "res.pt"
+    cases = [dict(name="zero2", stage=2, steps=3), dict(name="zero2_compile", stage=2, steps=3, compile=True)]
+    mp.spawn(run_cases, args=(2, free_port(), cases, str(out)), nprocs=2)
+    res = torch.load(out, weights_only=False)
+    _assert_same_run(res["zero2"], res["zero2_compile"], 1e-4)
+    dyn = res["zero2_compile"]["dynamo"]
+    assert res["zero2_compile"]["graphs"][0] > res["zero2"]["graphs"][-1]  # it did compile
+    assert dyn["frames_after_step1"] == 0 and not dyn["graph_breaks"], dyn
