@@ -31,6 +31,27 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
+def as_llama_lm(model, loss_chunk: int):
+    """amllm's LlamaLM with ``model``'s weights: the loss comes from the model, chunked."""
+    from amllm.model import LlamaLM
+
+    lm = LlamaLM(model.config)
+    lm.load_state_dict(model.state_dict())
+    lm.loss_chunk = loss_chunk
+    return lm
+
+
+def step_loss(model, ids):
+    """transformers' shifted loss (labels=ids); for LlamaLM (also inside DDP / a DeepSpeed engine) the same
+    loss from amllm's path: positions 0..T-2 of a causal model see the same tokens whether or not the last
+    one is fed."""
+    from amllm.model import LlamaLM
+
+    if isinstance(getattr(model, "module", model), LlamaLM):
+        return model(input_ids=ids[:, :-1], targets=ids[:, 1:])
+    return model(input_ids=ids, labels=ids).loss
+
+
 def param_groups(model, weight_decay: float = 0.1):
     """Two groups, as trainers do: decay on matrices, none on norms and biases."""
     named = list(model.named_parameters())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tests.dist_cases import (CLIP, GLOBAL_BATCH, LRS, MICRO, eval_batch, micro_batches, param_groups, setup_env,
-                              tiny_llama)
+from tests.dist_cases import (CLIP, GLOBAL_BATCH, LRS, MICRO, as_llama_lm, eval_batch, micro_batches, param_groups,
+                              setup_env, step_loss, tiny_llama)
 
 
 def ds_config(stage: int, sub_group_size: int | None = None, fp32_accum: bool = False, offload: bool = False) -> dict:
@@ -37,6 +37,8 @@ def make_engine(case: dict):
     from amllm.parallel.deepspeed_backend import build_engine
 
     model = tiny_llama()
+    if case.get("loss_chunk"):
+        model = as_llama_lm(model, case["loss_chunk"])
     if case.get("ac"):  # before the engine, as DeepSpeedBackend.setup does
         from amllm.parallel.blocks import apply_ac
 
@@ -62,7 +64,7 @@ def train_steps(engine, steps, rank, world) -> dict:
         set_lr(engine, LRS[step])
         total = torch.zeros(())
         for ids in micro_batches(step, rank, world):
-            loss = engine(input_ids=ids, labels=ids).loss
+            loss = step_loss(engine, ids)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             total += loss.detach().float()

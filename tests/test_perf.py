@@ -332,9 +332,9 @@ def test_device_inputs_leave_cpu_batches_alone():
 
 @pytest.mark.slow
 @pytest.mark.deepspeed
-def test_two_ranks_deepspeed_zero2_activation_checkpointing_matches(tmp_path):
-    """DeepSpeed ZeRO-2 on 2 ranks: full AC applied before the engine gives the plain engine's losses, β's,
-    gradient statistics and final eval loss to fp32 rounding."""
+def test_two_ranks_deepspeed_zero2_activation_checkpointing_and_chunked_loss_match(tmp_path):
+    """DeepSpeed ZeRO-2 on 2 ranks: full AC applied before the engine, and the chunked loss computed inside
+    it, give the plain engine's losses, β's, gradient statistics and final eval loss to fp32 rounding."""
     pytest.importorskip("deepspeed")
     import torch.multiprocessing as mp
 
@@ -342,10 +342,12 @@ def test_two_ranks_deepspeed_zero2_activation_checkpointing_matches(tmp_path):
     from tests.ds_worker import run_cases
 
     out = tmp_path / "res.pt"
-    cases = [dict(name="zero2", stage=2, steps=3), dict(name="zero2_ac", stage=2, steps=3, ac="full")]
+    cases = [dict(name="zero2", stage=2, steps=3), dict(name="zero2_ac", stage=2, steps=3, ac="full"),
+             dict(name="zero2_chunked", stage=2, steps=3, loss_chunk=5)]
     mp.spawn(run_cases, args=(2, free_port(), cases, str(out)), nprocs=2)
     res = torch.load(out, weights_only=False)
     _assert_same_run(res["zero2"], res["zero2_ac"], 1e-6)
+    _assert_same_run(res["zero2"], res["zero2_chunked"], 1e-6)  # the chunked loss inside the engine
 
 
 @pytest.mark.slow

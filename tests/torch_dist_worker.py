@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tests.dist_cases import CLIP, LRS, eval_batch, micro_batches, param_groups, setup_env, tiny_llama
+from tests.dist_cases import (CLIP, LRS, as_llama_lm, eval_batch, micro_batches, param_groups, setup_env, step_loss,
+                              tiny_llama)
 
 
 def build(case: dict, world: int):
@@ -13,13 +14,8 @@ def build(case: dict, world: int):
     from amllm.optim import AMAdamW
 
     model = tiny_llama()
-    if case.get("loss_chunk"):  # amllm's LlamaLM (same weights): the loss from the model, chunked
-        from amllm.model import LlamaLM
-
-        lm = LlamaLM(model.config)
-        lm.load_state_dict(model.state_dict())
-        lm.loss_chunk = case["loss_chunk"]
-        model = lm
+    if case.get("loss_chunk"):
+        model = as_llama_lm(model, case["loss_chunk"])
     if case.get("ac") or case.get("compile"):  # before wrapping, as the backends do (amllm/parallel/blocks.py)
         from amllm.parallel.blocks import apply_ac, compile_blocks
 
@@ -73,7 +69,7 @@ def train_steps(model, opt, steps, rank, world) -> dict:
         mbs = micro_batches(step, rank, world)
         total = torch.zeros(())
         for ids in mbs:
-            loss = _loss(model, ids)
+            loss = step_loss(model, ids)
             (loss / len(mbs)).backward()  # DDP/FSDP2 average over ranks; we average over micro-steps
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
@@ -94,16 +90,6 @@ def train_steps(model, opt, steps, rank, world) -> dict:
     with torch.no_grad():
         out["eval_loss"] = model(input_ids=eval_batch(), labels=eval_batch()).loss.item()
     return out
-
-
-def _loss(model, ids):
-    """transformers' shifted loss (labels=ids); for LlamaLM the same loss from the chunked path: positions
-    0..T-2 of a causal model see the same tokens whether or not the last one is fed."""
-    from amllm.model import LlamaLM
-
-    if isinstance(getattr(model, "module", model), LlamaLM):
-        return model(input_ids=ids[:, :-1], targets=ids[:, 1:])
-    return model(input_ids=ids, labels=ids).loss
 
 
 def _compiled_graphs() -> int:
