@@ -29,6 +29,14 @@ def _loss_and_grads(model, x, y, **kw):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _saved(forward) -> list[torch.Tensor]:
+    """The tensors autograd keeps for the backward of ``forward()``."""
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        forward()
+    return kept
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -86,15 +94,7 @@ def test_chunked_ce_keeps_no_full_logits(micro_model):
     n_full = 4 * 64 * VOCAB
 
     def biggest_saved(model):
-        sizes = []
-
-        def pack(t):
-            sizes.append(t.numel())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=x, targets=y)
-        return max(sizes)
+        return max(t.numel() for t in _saved(lambda: model(input_ids=x, targets=y)))
 
     assert biggest_saved(_model(micro_model, loss_chunk=0)) >= n_full
     assert biggest_saved(_model(micro_model, loss_chunk=64)) < n_full / 4
@@ -122,16 +122,8 @@ def test_activation_checkpointing_saves_less(micro_model):
 
     x, y = _batch(4, 64)
 
-    def saved_bytes(model):
-        total = [0]
-
-        def pack(t):
-            total[0] += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.model(input_ids=x, use_cache=False)  # the decoder: embeddings, blocks, final norm
-        return total[0]
+    def saved_bytes(model):  # the decoder: embeddings, blocks, final norm
+        return sum(t.numel() * t.element_size() for t in _saved(lambda: model.model(input_ids=x, use_cache=False)))
 
     plain = _model(micro_model)
     ac = _model(micro_model)
@@ -162,12 +154,16 @@ def test_reshard_policy_is_torchtitans():
 
 # ---- the same on 2 ranks: FSDP2 and DDP ----------------------------------------------------------------
 
-def _spawn_two(tmp_path, cases):
+def _spawn_two(tmp_path, cases, deepspeed: bool = False):
     import torch.multiprocessing as mp
 
     from tests.dist_cases import free_port
-    from tests.torch_dist_worker import run_cases
 
+    if deepspeed:
+        pytest.importorskip("deepspeed")
+        from tests.ds_worker import run_cases
+    else:
+        from tests.torch_dist_worker import run_cases
     out = tmp_path / "res.pt"
     mp.spawn(run_cases, args=(2, free_port(), cases, str(out)), nprocs=2)
     return torch.load(out, weights_only=False)
@@ -335,17 +331,8 @@ def test_device_inputs_leave_cpu_batches_alone():
 def test_two_ranks_deepspeed_zero2_activation_checkpointing_and_chunked_loss_match(tmp_path):
     """DeepSpeed ZeRO-2 on 2 ranks: full AC applied before the engine, and the chunked loss computed inside
     it, give the plain engine's losses, β's, gradient statistics and final eval loss to fp32 rounding."""
-    pytest.importorskip("deepspeed")
-    import torch.multiprocessing as mp
-
-    from tests.dist_cases import free_port
-    from tests.ds_worker import run_cases
-
-    out = tmp_path / "res.pt"
-    cases = [dict(name="zero2", stage=2, steps=3), dict(name="zero2_ac", stage=2, steps=3, ac="full"),
-             dict(name="zero2_chunked", stage=2, steps=3, loss_chunk=5)]
-    mp.spawn(run_cases, args=(2, free_port(), cases, str(out)), nprocs=2)
-    res = torch.load(out, weights_only=False)
+    res = _spawn_two(tmp_path, [dict(name="zero2", stage=2, steps=3), dict(name="zero2_ac", stage=2, steps=3, ac="full"),
+                                dict(name="zero2_chunked", stage=2, steps=3, loss_chunk=5)], deepspeed=True)
     _assert_same_run(res["zero2"], res["zero2_ac"], 1e-6)
     _assert_same_run(res["zero2"], res["zero2_chunked"], 1e-6)  # the chunked loss inside the engine
 
@@ -383,16 +370,8 @@ def test_two_ranks_deepspeed_zero2_engine_compile(tmp_path):
     """DeepSpeed ZeRO-2 on 2 ranks with train.compile=true (build_engine calls engine.compile(), DeepSpeed's
     whole-module compile): the eager engine's numbers to the compile tolerance, no frame compiled after
     the first step, and no graph break."""
-    pytest.importorskip("deepspeed")
-    import torch.multiprocessing as mp
-
-    from tests.dist_cases import free_port
-    from tests.ds_worker import run_cases
-
-    out = tmp_path / "res.pt"
-    cases = [dict(name="zero2", stage=2, steps=3), dict(name="zero2_compile", stage=2, steps=3, compile=True)]
-    mp.spawn(run_cases, args=(2, free_port(), cases, str(out)), nprocs=2)
-    res = torch.load(out, weights_only=False)
+    res = _spawn_two(tmp_path, [dict(name="zero2", stage=2, steps=3),
+                                dict(name="zero2_compile", stage=2, steps=3, compile=True)], deepspeed=True)
     _assert_same_run(res["zero2"], res["zero2_compile"], 1e-4)
     dyn = res["zero2_compile"]["dynamo"]
     assert res["zero2_compile"]["graphs"][0] > res["zero2"]["graphs"][-1]  # it did compile
