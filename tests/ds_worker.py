@@ -76,9 +76,6 @@ def train_steps(engine, steps, rank, world) -> dict:
         from tests.torch_dist_worker import _compiled_graphs
 
         out.setdefault("graphs", []).append(_compiled_graphs())
-    from torch._dynamo.utils import counters
-
-    out["dynamo"] = {"graph_breaks": dict(counters["graph_break"]), "frames_after_step1": out["graphs"][-1] - out["graphs"][0]}
     return out
 
 
@@ -157,6 +154,10 @@ def run_cases(rank: int, world: int, port: int, cases: list, out_path: str) -> N
             res["resumed"] = resumed
         else:
             res.update(train_steps(engine, range(n_steps), rank, world))
+            from torch._dynamo.utils import counters
+
+            res["dynamo"] = {"graph_breaks": dict(counters["graph_break"]),
+                             "frames_after_step1": res["graphs"][-1] - res["graphs"][0]}
             res["eval_loss"] = eval_loss(engine)
             if hasattr(ds_opt, "_hp_optimizer_states_linked") and not case.get("per_layer"):
                 from deepspeed.utils import safe_get_full_optimizer_state
