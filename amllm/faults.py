@@ -6,7 +6,8 @@ every failure, what it costs and which test shows it.
 Test hooks (environment variables; none is read unless set, none changes a normal run):
 
     AMLLM_TEST_NAN_AT_STEP=N      the loss of optimizer step N (1-based, as logged) is multiplied by NaN
-    AMLLM_TEST_NAN_RANK=R         ... on rank R only (default: every rank)
+    AMLLM_TEST_NAN_GRAD_AT_STEP=N the loss of step N stays finite, its gradients are NaN
+    AMLLM_TEST_NAN_RANK=R         ... (either) on rank R only (default: every rank)
     AMLLM_TEST_CRASH_AT_STEP=N    os._exit(1) at the start of step N, once per run directory
     AMLLM_TEST_CRASH_RANK=R       ... on rank R only (default 0); the marker <run_dir>/.crashed-step-N
                                   keeps the restarted attempt from crashing again
@@ -148,11 +149,29 @@ def check_finite_state(state: dict, what: str, step: int) -> None:
     walk(state, "")
 
 
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are NaN (what an overflow in the
+    backward pass looks like)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 def poison_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
-    """Test hook AMLLM_TEST_NAN_AT_STEP / AMLLM_TEST_NAN_RANK: a NaN loss (and so NaN gradients)."""
-    at = os.environ.get("AMLLM_TEST_NAN_AT_STEP")
-    if at and int(at) == step and int(os.environ.get("AMLLM_TEST_NAN_RANK", rank)) == rank:
+    """Test hooks, on rank AMLLM_TEST_NAN_RANK (default: every rank): AMLLM_TEST_NAN_AT_STEP=N makes
+    step N's loss NaN (and so its gradients); AMLLM_TEST_NAN_GRAD_AT_STEP=N keeps the loss finite and
+    makes only the gradients NaN."""
+    if int(os.environ.get("AMLLM_TEST_NAN_RANK", rank)) != rank:
+        return loss
+    if os.environ.get("AMLLM_TEST_NAN_AT_STEP") == str(step):
         return loss * float("nan")
+    if os.environ.get("AMLLM_TEST_NAN_GRAD_AT_STEP") == str(step):
+        return _NaNGrad.apply(loss)
     return loss
 
 

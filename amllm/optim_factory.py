@@ -16,7 +16,9 @@ from .config import OptimConfig
 
 def _impl_kwargs(cfg: OptimConfig, device: torch.device) -> dict:
     if cfg.impl == "auto":
-        return {}
+        # on CUDA torch's fused AdamW/SGD: they skip a non-finite step on the device (optimizer.found_inf,
+        # the GradScaler protocol), where torch's default foreach path needs a host read to skip
+        return {"fused": True} if device.type == "cuda" and cfg.name in ("adamw", "sgd") else {}
     if cfg.impl == "forloop":
         return {"foreach": False}
     if cfg.impl == "foreach":

@@ -371,12 +371,41 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: 
         raise ConfigError("build the AM optimizer with reducer=None for parallel.backend=deepspeed; "
                           "the reduction group is DeepSpeed's and is set by build_engine")
     client = ZeroAMAdapter(optimizer) if is_am and stage > 0 else optimizer
+    if is_am:  # DeepSpeed's per-step host check of the norm is the AM optimizer's device-side skip
+        ds["bf16"].setdefault("check_grad_overflow", False)
+        _device_side_norm_checks()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=ds)
     if isinstance(client, ZeroAMAdapter):
         if engine.optimizer is client:  # not expected with ZeRO > 0; keep the template path working
             raise RuntimeError("DeepSpeed did not wrap the optimizer for ZeRO stage > 0")
         client.bind(engine.optimizer)
     return engine
+
+
+def _valid_norm(norm) -> bool:
+    """Stands in for DeepSpeed's ``is_invalid_grad_norm`` (see :func:`_device_side_norm_checks`)."""
+    return False
+
+
+def _device_side_norm_checks() -> None:
+    """Remove the host read DeepSpeed's ZeRO-1/2/3 and BF16 optimizers make every step.
+
+    They call ``is_invalid_grad_norm(norm)`` -- ``bool()`` of a device tensor, one GPU sync per step --
+    to skip a step whose gradient norm is NaN/inf (whenever clipping is on or overflow checks are; in
+    DeepSpeed 0.19 that is every step of every recipe). With an AM optimizer that decision is already
+    taken on the device: a non-finite gradient makes its all-reduced statistics non-finite on every rank
+    and it skips its update (``skip_nonfinite``). What DeepSpeed does instead when the norm is bad stays
+    safe: the clip coefficient of a NaN norm is NaN, so the scaled gradients are NaN and the AM step
+    skips; a -1 "invalid" sentinel leaves the (non-finite) gradients unscaled, same outcome. So the
+    check answers "valid" in the modules that imported it. Process-wide; only called for AM optimizers
+    (tested: tests/test_gpu_path.py, NaN gradients under ZeRO-2 skip the update)."""
+    import importlib
+
+    for name in ("deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
+                 "deepspeed.runtime.bf16_optimizer"):
+        module = importlib.import_module(name)
+        if hasattr(module, "is_invalid_grad_norm"):
+            module.is_invalid_grad_norm = _valid_norm
 
 
 def am_optimizer(engine) -> torch.optim.Optimizer:
