@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -35,7 +37,7 @@ class DistInfo:
 def pick_device(pref: str, local_rank: int) -> torch.device:
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
