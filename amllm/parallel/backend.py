@@ -112,7 +112,9 @@ class Backend:
             load_dcp(path / "dcp", self.raw_model, self.optimizer)
             return
         self.raw_model.load_state_dict(ckpt.load_torch(path / "model.pt", map_location=self.info.device))
-        load_optimizer(ckpt.load_torch(path / "optimizer.pt", map_location=self.info.device))
+        # CPU first: the optimizer's load_state_dict moves each entry where it keeps it (torch keeps a
+        # loaded `step` on whatever device it came on, and a GPU step would sync per tensor per step)
+        load_optimizer(lambda: ckpt.load_torch(path / "optimizer.pt", map_location="cpu"))
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
