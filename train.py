@@ -23,7 +23,10 @@ from pathlib import Path
 
 import torch
 
-from amllm import checkpoint as ckpt
+from amllm.cli import require_trainer_dependencies
+
+require_trainer_dependencies()  # an optimizer-only install (pip install amllm) lacks the trainer's packages
+from amllm import checkpoint as ckpt  # noqa: E402
 from amllm import faults
 from amllm.config import ConfigError, load_config, save_config
 from amllm.data import BatchSampler, DataError, load_shards, load_tokenizer, prepare, shard_dir, val_batches
