@@ -1,0 +1,274 @@
+"""Multi-tensor Triton kernels of AM-AdamW and AM-SGD: the accelerator (CUDA) path.
+
+One launch per pass for every tensor of a bucket (one param group's tensors of one device
+and dtype), however many tensors it holds, as apex's ``multi_tensor_apply``: the kernels
+get a table of tensor addresses (int64 ``data_ptr()``s) and a chunk table; program ``i``
+handles chunk ``i`` = (tensor index, first element), ``CHUNK`` elements of one tensor,
+walked ``BLOCK`` lanes at a time. A step of a bucket is three launches:
+
+1. pass 1 (``*_pass1``): reads g, d (and v, and x with weight decay); computes the new v in
+   registers (written in pass 2 only, so that a step can still be skipped after the
+   reduction); writes ``K`` float32 (float64 for float64 params) partial sums per chunk;
+2. ``layer_sums``: one program per layer adds its chunks' partials in float64, in a fixed
+   order (chunk rows sorted by layer, RBLOCK lanes, then a tree), per-tensor weights
+   applied, the layer's element count in the last column. No atomics: the result is
+   bit-reproducible for given shapes;
+3. pass 2 (``*_pass2``): reads x, g, d, v; recomputes v and p; writes v, d, x. The skip
+   flag (``found_inf`` / non-finite sums) is loaded in the kernel: a skipped step makes
+   every program exit before touching memory, with no host read.
+
+Per-tensor and per-layer scalars come from device memory, indexed in the kernel: c1 and β
+by the tensor's layer id, the bias correction 1/sqrt(1 - β2^t) from the tensor's step
+counter (``state["step"]``, a 0-d float32 tensor on the parameter's device; its address is
+in the table). Nothing per tensor crosses from the host in steady state.
+
+Why chunks of ``CHUNK`` elements: a tensor of n elements gets ceil(n / CHUNK) programs, so a
+65M-element embedding's sums run on thousands of programs in parallel (no reliance on a
+compiler's split heuristic), while the chunk table stays small (1B parameters: ~122k rows,
+so the final reduction reads ~2.4 MB). Small tensors take one program each, most lanes
+masked: their cost is the launch they share with all others.
+
+Tables (pointers, chunk table, layer ids, weights, counts) are cached by the addresses and
+sizes they describe (``_tables.cached``) and uploaded through pinned memory without a
+synchronising copy when they change.
+
+Kernels are defined on first use, per value of ``TRITON_INTERPRET`` (the interpreter runs
+them on CPU tensors: tests and the CPU benchmark). Triton missing, or a failing probe on
+first use, warns once and the caller takes the foreach path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import _tables
+
+CHUNK = 8192  # elements per program (see the module docstring)
+BLOCK = 1024  # lanes per inner iteration: 8 fp32 per thread at 4 warps
+RBLOCK = 512  # chunk rows per iteration of the final per-layer reduction
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+#: Kernel launches so far (the tests and the benchmark read differences of it).
+launches = 0
+
+_KERNELS: dict = {}
+_STATUS: dict = {}  # (device type, interpret, dtype) -> True | reason
+
+
+def interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _define() -> dict:
+    """A fresh instance of ``_triton_kernels`` (its own globals: see that module's docstring)."""
+    path = Path(__file__).resolve().parent / "_triton_kernels.py"
+    spec = importlib.util.spec_from_file_location(f"amllm.optim._triton_kernels_i{int(interpret())}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return dict(adamw_pass1=mod.adamw_pass1, adamw_pass2=mod.adamw_pass2, sgd_pass1=mod.sgd_pass1,
+                sgd_pass2=mod.sgd_pass2, layer_sums=mod.layer_sums, dtypes=mod.DTYPES)
+
+
+def kernels() -> dict:
+    """The jitted kernels for the current ``TRITON_INTERPRET`` value (defined on first use)."""
+    key = interpret()
+    if key not in _KERNELS:
+        _KERNELS[key] = _define()
+    return _KERNELS[key]
+
+
+def _launch(name: str, grid: int, device: torch.device, *args, **meta) -> None:
+    global launches
+    launches += 1
+    k = kernels()[name]
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            k[(grid,)](*args, **meta)
+    else:
+        k[(grid,)](*args, **meta)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+@dataclass
+class Meta:
+    """Device tables of one bucket (views into one int64 and one float64 upload)."""
+
+    ptrs: list  # one [n] int64 view per tensor list (x, g, d[, v][, step counters])
+    numel: Tensor
+    layer: Tensor
+    chunk_t: Tensor
+    chunk_s: Tensor
+    order: Tensor  # chunk rows sorted by layer (stable)
+    lstart: Tensor  # [L + 1] first row of each layer in ``order``
+    wchunk: Tensor  # float64 weight of each chunk's tensor
+    counts: Tensor  # float64 element count per layer
+    n_chunks: int
+    n_layers: int
+    host: tuple = ()  # pinned staging copies, alive while the entry is cached
+
+
+def metadata(lists: list[list[Tensor]], layers: list[int], weights: list[float], n_layers: int,
+             device: torch.device) -> Meta:
+    """The tables for tensors ``lists[j][k]`` (aligned lists; ``lists[0]`` gives the sizes)."""
+    key = ("triton", str(device), n_layers, tuple(layers), tuple(weights),
+           tuple(t.numel() for t in lists[0]), tuple(t.data_ptr() for lst in lists for t in lst))
+    return _tables.cached(key, lambda: _build(lists, layers, weights, n_layers, device))
+
+
+def _build(lists, layers, weights, n_layers, device) -> Meta:
+    n = len(lists[0])
+    numel = torch.tensor([t.numel() for t in lists[0]], dtype=torch.int64)
+    per = (numel + CHUNK - 1) // CHUNK
+    n_chunks = int(sum(-(-t.numel() // CHUNK) for t in lists[0]))
+    chunk_t = torch.repeat_interleave(torch.arange(n), per, output_size=n_chunks)
+    first = torch.cumsum(per, 0) - per
+    chunk_s = (torch.arange(n_chunks) - first[chunk_t]) * CHUNK
+    layer = torch.tensor(layers, dtype=torch.int64)
+    layer_c = layer[chunk_t]
+    order = torch.argsort(layer_c, stable=True)
+    lstart = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(torch.bincount(layer_c, minlength=n_layers), 0)])
+    ptrs = [torch.tensor([t.data_ptr() for t in lst], dtype=torch.int64) for lst in lists]
+    ints = torch.cat([*ptrs, numel, layer, chunk_t, chunk_s, order, lstart])
+    counts = torch.zeros(n_layers, dtype=torch.float64).index_add_(0, layer, numel.double())
+    flts = torch.cat([torch.tensor(weights, dtype=torch.float64)[chunk_t], counts])
+    ints_d, flts_d = _tables.upload(ints, device), _tables.upload(flts, device)
+    sizes = [n] * (len(lists) + 2) + [n_chunks] * 3 + [n_layers + 1]
+    views = list(torch.split(ints_d, sizes))
+    return Meta(ptrs=views[:len(lists)], numel=views[len(lists)], layer=views[len(lists) + 1],
+                chunk_t=views[-4], chunk_s=views[-3], order=views[-2], lstart=views[-1],
+                wchunk=flts_d[:n_chunks], counts=flts_d[n_chunks:], n_chunks=n_chunks, n_layers=n_layers,
+                host=(ints, flts))
+
+
+def _types(dtype: torch.dtype):
+    tl_dt = kernels()["dtypes"]
+    return tl_dt[dtype], tl_dt[torch.float64 if dtype == torch.float64 else torch.float32]
+
+
+def _reduce(meta: Meta, part: Tensor, k: int, device) -> Tensor:
+    """Chunk partials ``[C, k]`` -> ``[L, k + 1]`` float64 (weights applied, counts last)."""
+    out = torch.empty(meta.n_layers, k + 1, dtype=torch.float64, device=device)
+    _launch("layer_sums", meta.n_layers, device, part, meta.order, meta.lstart, meta.wchunk, meta.counts, out,
+            K=k, KP=8, RB=RBLOCK)
+    return out
+
+
+def _log(beta2: float) -> float:
+    return math.log(beta2) if beta2 > 0 else float("-inf")
+
+
+# ----------------------------------------------------------------------------- AM-AdamW
+
+
+def adamw_stats(xs, gs, ds, vs, steps, layers, weights, n_layers, c1: Tensor, *, beta2, eps, lam, with_x):
+    """Pass 1 + reduction: ``([L, k+1]`` float64 raw sums Σgq, Σδq, C[, Σgx, Σδx] + count, tables)``."""
+    t0 = xs[0]
+    meta = metadata([xs, gs, ds, vs, steps], layers, weights, n_layers, t0.device)
+    dt, ct = _types(t0.dtype)
+    k = 5 if with_x else 3
+    part = torch.empty(meta.n_chunks, k, dtype=torch.float64 if t0.dtype == torch.float64 else torch.float32,
+                       device=t0.device)
+    if meta.n_chunks:
+        _launch("adamw_pass1", meta.n_chunks, t0.device, *meta.ptrs, meta.numel, meta.layer, meta.chunk_t,
+                meta.chunk_s, c1, part, _log(beta2), float(beta2), 1.0 - beta2, float(eps), float(lam),
+                WITH_X=with_x, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, FIX_BF16=interpret(), num_warps=4)
+    return _reduce(meta, part, k, t0.device), meta
+
+
+def adamw_apply(meta: Meta, dtype, c1: Tensor, beta: Tensor, skip, *, beta2, eps, lam, lr, wd) -> None:
+    if not meta.n_chunks:
+        return
+    dt, ct = _types(dtype)
+    _launch("adamw_pass2", meta.n_chunks, meta.numel.device, *meta.ptrs, meta.numel, meta.layer, meta.chunk_t,
+            meta.chunk_s, c1, beta, c1 if skip is None else skip, _log(beta2), float(beta2), 1.0 - beta2,
+            float(eps), float(lam), float(lr), 1.0 - lr * wd,
+            HAS_SKIP=skip is not None, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, FIX_BF16=interpret(),
+            num_warps=4)
+
+
+# ----------------------------------------------------------------------------- AM-SGD
+
+
+def sgd_stats(xs, gs, ds, layers, weights, n_layers, *, wd):
+    """Pass 1 + reduction: ``([L, 4]`` float64 raw sums Σ G·d, Σ δ·G, Σ δ·δ + count, tables)``."""
+    t0 = xs[0]
+    meta = metadata([xs, gs, ds], layers, weights, n_layers, t0.device)
+    dt, ct = _types(t0.dtype)
+    part = torch.empty(meta.n_chunks, 3, dtype=torch.float64 if t0.dtype == torch.float64 else torch.float32,
+                       device=t0.device)
+    if meta.n_chunks:
+        _launch("sgd_pass1", meta.n_chunks, t0.device, *meta.ptrs, meta.numel, meta.chunk_t, meta.chunk_s, part,
+                float(wd), WITH_X=wd != 0, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=4)
+    return _reduce(meta, part, 3, t0.device), meta
+
+
+def sgd_apply(meta: Meta, dtype, beta: Tensor, skip, *, lam, lr, wd) -> None:
+    if not meta.n_chunks:
+        return
+    dt, ct = _types(dtype)
+    _launch("sgd_pass2", meta.n_chunks, meta.numel.device, *meta.ptrs, meta.numel, meta.layer, meta.chunk_t,
+            meta.chunk_s, beta, beta if skip is None else skip, float(lam), float(lr), float(wd),
+            HAS_SKIP=skip is not None, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, FIX_BF16=interpret(),
+            num_warps=4)
+
+
+# ----------------------------------------------------------------------------- availability
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> None:
+    """Both optimizers' kernels on two tiny tensors vs the same math in torch (raises on mismatch)."""
+    gen = torch.Generator().manual_seed(0)
+    x, g, d, v = (torch.rand(2, 37, generator=gen, dtype=torch.float64).to(device, dtype) for _ in range(4))
+    step = torch.zeros((), dtype=torch.float32, device=device)
+    c1 = torch.full((1,), 0.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
+    xs, gs, ds, vs = ([t[0], t[1]] for t in (x, g, d, v))
+    sums, meta = adamw_stats(xs, gs, ds, vs, [step, step], [0, 0], [1.0, 1.0], 1, c1, beta2=0.5, eps=1e-8,
+                             lam=0.0, with_x=False)
+    ref = (g.double() * d.double() / (0.5 * ((0.5 * v.double() + 0.5 * g.double() ** 2).sqrt() / math.sqrt(0.5))))
+    if not torch.allclose(sums[0, 0].cpu(), ref.sum().cpu(), rtol=1e-2):
+        raise RuntimeError(f"probe: Σ g·d/p = {float(sums[0, 0])}, expected {float(ref.sum())}")
+    adamw_apply(meta, dtype, c1, c1, None, beta2=0.5, eps=1e-8, lam=0.0, lr=0.0, wd=0.0)
+    s, m = sgd_stats(xs, gs, ds, [0, 0], [1.0, 1.0], 1, wd=0.0)
+    sgd_apply(m, dtype, c1, None, lam=0.0, lr=0.0, wd=0.0)
+    if not bool(torch.isfinite(s).all()):
+        raise RuntimeError("probe: non-finite AM-SGD sums")
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if device.type == "cpu" and not interpret():
+        return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def available(device: torch.device, dtype: torch.dtype, warn: bool = True) -> bool:
+    """Whether the kernels serve this device and dtype (defined and probed once per key)."""
+    if dtype not in _DTYPES:
+        return False
+    key = (device.type, interpret(), dtype)
+    if key not in _STATUS:
+        reason = unavailable_reason(device)
+        if reason is None:
+            try:
+                with torch.no_grad():
+                    _probe(device, dtype)
+            except Exception as e:  # compiler, driver or interpreter problem: the foreach path still works
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        _STATUS[key] = True if reason is None else reason
+        if reason is not None and warn:
+            warnings.warn(f"amllm.optim: the Triton multi-tensor kernels are unavailable on {device.type}/{dtype} "
+                          f"({reason}); using the foreach path", RuntimeWarning, stacklevel=3)
+    return _STATUS[key] is True

@@ -1,0 +1,189 @@
+"""The Triton kernels of ``_triton.py`` (see its docstring for the design).
+
+Imported only by ``_triton.kernels()``, once per value of ``TRITON_INTERPRET`` (``triton.jit``
+reads it when a function is decorated, and jitted helpers are looked up in module globals,
+so each value gets its own module instance). The math is the spec's as rewritten in
+``functional.py`` and ``csrc/am_cpu.cpp``; names: x param, g grad, d first moment,
+v second moment, p = c1 (sqrt(v) isc2 + ε), u = 1 + λp, inv = 1/(p u) = w.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _span(chunk_t, chunk_s, numel, CHUNK: tl.constexpr):
+    """(tensor index, first element, end) of this program's chunk."""
+    pid = tl.program_id(0)
+    t = tl.load(chunk_t + pid)
+    start = tl.load(chunk_s + pid)
+    end = tl.minimum(start + CHUNK, tl.load(numel + t))
+    return t, start, end
+
+
+@triton.jit
+def _isc2(steps, t, log_beta2):
+    """1/sqrt(1 - β2^(step+1)) from the tensor's step counter (float64: c2 ≈ 1e-3 at t = 1)."""
+    step = tl.load(tl.load(steps + t).to(tl.pointer_type(tl.float32))).to(tl.float64) + 1.0
+    return 1.0 / tl.sqrt(1.0 - tl.exp(step * log_beta2))
+
+
+@triton.jit
+def _rnd(x, DT: tl.constexpr, FIX_BF16: tl.constexpr):
+    """x rounded to the storage dtype, to nearest even. Triton 3.6's interpreter truncates
+    float32 -> bfloat16 (compiled code rounds to nearest even), so under the interpreter
+    (``FIX_BF16``) the rounding is done on the bits first, the conversion is then exact."""
+    if FIX_BF16 and DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DT)
+
+
+@triton.jit
+def _ptr(table, t, DT: tl.constexpr):
+    return tl.load(table + t).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def adamw_pass1(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, c1, part,
+                log_beta2, beta2, omb2, eps, lam,
+                WITH_X: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
+                BLOCK: tl.constexpr, FIX_BF16: tl.constexpr):
+    t, start, end = _span(chunk_t, chunk_s, numel, CHUNK)
+    xp, gp, dp, vp = _ptr(xs, t, DT), _ptr(gs, t, DT), _ptr(ds, t, DT), _ptr(vs, t, DT)
+    c1v = tl.load(c1 + tl.load(layer + t)).to(CT)
+    isc2 = _isc2(steps, t, log_beta2).to(CT)
+    s0 = tl.zeros([BLOCK], CT)
+    s1 = tl.zeros([BLOCK], CT)
+    s2 = tl.zeros([BLOCK], CT)
+    s3 = tl.zeros([BLOCK], CT)
+    s4 = tl.zeros([BLOCK], CT)
+    for off in range(start, end, BLOCK):
+        o = off + tl.arange(0, BLOCK)
+        m = o < end
+        g = tl.load(gp + o, mask=m, other=0.0).to(CT)
+        d = tl.load(dp + o, mask=m, other=0.0).to(CT)
+        v = tl.load(vp + o, mask=m, other=0.0).to(CT)
+        vn = _rnd(v * beta2 + omb2 * g * g, DT, FIX_BF16).to(CT)  # p from v as pass 2 stores it
+        p = c1v * (tl.sqrt(vn) * isc2 + eps)
+        u = 1.0 + lam * p
+        inv = 1.0 / (p * u)  # w; u·w = 1/p
+        delta = d - g
+        q = d * u * inv  # masked lanes: g = d = 0, p = c1 ε > 0 -> every term 0
+        s0 += g * q
+        s1 += delta * q
+        s2 += delta * inv * delta
+        if WITH_X:
+            x = tl.load(xp + o, mask=m, other=0.0).to(CT)
+            s3 += g * x
+            s4 += delta * x
+    K: tl.constexpr = 5 if WITH_X else 3
+    out = part + tl.program_id(0) * K
+    tl.store(out, tl.sum(s0, 0))
+    tl.store(out + 1, tl.sum(s1, 0))
+    tl.store(out + 2, tl.sum(s2, 0))
+    if WITH_X:
+        tl.store(out + 3, tl.sum(s3, 0))
+        tl.store(out + 4, tl.sum(s4, 0))
+
+
+@triton.jit
+def adamw_pass2(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, c1, beta, skip,
+                log_beta2, beta2, omb2, eps, lam, lr, decay,
+                HAS_SKIP: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
+                BLOCK: tl.constexpr, FIX_BF16: tl.constexpr):
+    t, start, end = _span(chunk_t, chunk_s, numel, CHUNK)
+    if HAS_SKIP:
+        if tl.load(skip) != 0:
+            end = start  # skipped step: no element is read or written
+    xp, gp, dp, vp = _ptr(xs, t, DT), _ptr(gs, t, DT), _ptr(ds, t, DT), _ptr(vs, t, DT)
+    li = tl.load(layer + t)
+    c1v = tl.load(c1 + li).to(CT)
+    b = tl.load(beta + li).to(CT)
+    isc2 = _isc2(steps, t, log_beta2).to(CT)
+    for off in range(start, end, BLOCK):
+        o = off + tl.arange(0, BLOCK)
+        m = o < end
+        x = tl.load(xp + o, mask=m, other=0.0).to(CT)
+        g = tl.load(gp + o, mask=m, other=0.0).to(CT)
+        d = tl.load(dp + o, mask=m, other=0.0).to(CT)
+        vs_ = _rnd(tl.load(vp + o, mask=m, other=0.0).to(CT) * beta2 + omb2 * g * g, DT, FIX_BF16)
+        p = c1v * (tl.sqrt(vs_.to(CT)) * isc2 + eps)
+        u = 1.0 + lam * p
+        inv = 1.0 / (p * u)
+        dn = (d * (b + lam * p) + (1.0 - b) * g) * (p * inv)  # / (1 + λp)
+        tl.store(vp + o, vs_, mask=m)
+        tl.store(dp + o, _rnd(dn, DT, FIX_BF16), mask=m)
+        tl.store(xp + o, _rnd(x * decay - lr * dn * (u * inv), DT, FIX_BF16), mask=m)  # x(1-ημ) - η d/p
+
+
+@triton.jit
+def sgd_pass1(xs, gs, ds, numel, chunk_t, chunk_s, part, wd,
+              WITH_X: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
+              BLOCK: tl.constexpr):
+    t, start, end = _span(chunk_t, chunk_s, numel, CHUNK)
+    xp, gp, dp = _ptr(xs, t, DT), _ptr(gs, t, DT), _ptr(ds, t, DT)
+    s0 = tl.zeros([BLOCK], CT)
+    s1 = tl.zeros([BLOCK], CT)
+    s2 = tl.zeros([BLOCK], CT)
+    for off in range(start, end, BLOCK):
+        o = off + tl.arange(0, BLOCK)
+        m = o < end
+        g = tl.load(gp + o, mask=m, other=0.0).to(CT)
+        if WITH_X:
+            g += wd * tl.load(xp + o, mask=m, other=0.0).to(CT)  # G = g + μx (coupled)
+        d = tl.load(dp + o, mask=m, other=0.0).to(CT)
+        delta = d - g
+        s0 += g * d
+        s1 += delta * g
+        s2 += delta * delta
+    out = part + tl.program_id(0) * 3
+    tl.store(out, tl.sum(s0, 0))
+    tl.store(out + 1, tl.sum(s1, 0))
+    tl.store(out + 2, tl.sum(s2, 0))
+
+
+@triton.jit
+def sgd_pass2(xs, gs, ds, numel, layer, chunk_t, chunk_s, beta, skip, lam, lr, wd,
+              HAS_SKIP: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
+              BLOCK: tl.constexpr, FIX_BF16: tl.constexpr):
+    t, start, end = _span(chunk_t, chunk_s, numel, CHUNK)
+    if HAS_SKIP:
+        if tl.load(skip) != 0:
+            end = start
+    xp, gp, dp = _ptr(xs, t, DT), _ptr(gs, t, DT), _ptr(ds, t, DT)
+    coef = (tl.load(beta + tl.load(layer + t)).to(CT) - 1.0) / (1.0 + lam)
+    for off in range(start, end, BLOCK):
+        o = off + tl.arange(0, BLOCK)
+        m = o < end
+        x = tl.load(xp + o, mask=m, other=0.0).to(CT)
+        g = tl.load(gp + o, mask=m, other=0.0).to(CT) + wd * x
+        d = tl.load(dp + o, mask=m, other=0.0).to(CT)
+        dn = d + coef * (d - g)  # ((β+λ)d + (1-β)G)/(1+λ)
+        tl.store(dp + o, _rnd(dn, DT, FIX_BF16), mask=m)
+        tl.store(xp + o, _rnd(x - lr * dn, DT, FIX_BF16), mask=m)
+
+
+@triton.jit
+def layer_sums(part, order, lstart, wchunk, counts, out,
+               K: tl.constexpr, KP: tl.constexpr, RB: tl.constexpr):
+    layer = tl.program_id(0)
+    lo = tl.load(lstart + layer)
+    hi = tl.load(lstart + layer + 1)
+    cols = tl.arange(0, KP)
+    acc = tl.zeros([RB, KP], tl.float64)
+    for i in range(lo, hi, RB):
+        r = i + tl.arange(0, RB)
+        rm = r < hi
+        c = tl.load(order + r, mask=rm, other=0)
+        w = tl.load(wchunk + c, mask=rm, other=0.0)
+        v = tl.load(part + c[:, None] * K + cols[None, :], mask=rm[:, None] & (cols[None, :] < K), other=0.0)
+        acc += v.to(tl.float64) * w[:, None]
+    row = out + layer * (K + 1)
+    tl.store(row + cols, tl.sum(acc, 0), mask=cols < K)
+    tl.store(row + K, tl.load(counts + layer))
+
+DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
+          torch.float16: tl.float16}
