@@ -88,7 +88,7 @@ def test_am_sgd_lambda_cancels_without_clipping(impl):
         traj, ratios = [], []
         for t in range(40):
             grp = SGDGroup([x], [h * x + noise[t]], bufs, [0], lr=0.1, lr_ratio=1.0, weight_decay=0.0, lam=lam_)
-            state, sums = am_sgd([grp], state, cfg, impl=impl)
+            state, sums, _ = am_sgd([grp], state, cfg, impl=impl)
             a, b, c = sums[0, :3].tolist()
             if t > 0:
                 ratios.append((a - b) / c)

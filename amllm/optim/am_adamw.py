@@ -16,7 +16,7 @@ class AMAdamW(AMOptimizerBase):
 
     From "Adaptive Memory Momentum via a Model-Based Framework for Deep Learning
     Optimization", Topollai & Choromanska, arXiv 2510.04988 (Section 3.3, Appendix D).
-    The contract is ``/shared/spec/am-optimizers.md``. Per step, with this step's
+    The contract is ``docs/optimizer.md``. Per step, with this step's
     gradient g, moments d (zero-initialised) and v, lr η_t, weight decay μ::
 
         v   ← β2 v + (1 - β2) g²
@@ -96,12 +96,14 @@ class AMAdamW(AMOptimizerBase):
         reducer=None,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        skip_nonfinite: bool = False,
     ):
         self._validate_group(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lam=lam))
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lam=lam,
                         per_layer=per_layer, beta_policy=beta_policy, beta_min=beta_min,
                         restart_threshold=restart_threshold, restart_low=restart_low)
-        super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused)
+        super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused,
+                         skip_nonfinite=skip_nonfinite)
 
     def _beta_max(self, group: dict) -> float:
         return group["betas"][0]
@@ -123,7 +125,7 @@ class AMAdamW(AMOptimizerBase):
                 loss = closure()
         layers, _ = self._layers()
         reduce = self._reducer()
-        groups = []
+        groups, steps = [], []
         for group in self.param_groups:
             g = AdamWGroup([], [], [], [], [], [], lr=group["lr"], lr_ratio=self._take_lr_ratio(group),
                            weight_decay=group["weight_decay"], eps=group["eps"], beta2=group["betas"][1],
@@ -135,19 +137,20 @@ class AMAdamW(AMOptimizerBase):
                     raise RuntimeError("AMAdamW does not support sparse gradients")
                 state = self.state[p]
                 if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=self._step_device(p))
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
                 g.params.append(local(p))
                 g.grads.append(local(p.grad))
                 g.exp_avgs.append(local(state["exp_avg"]))
                 g.exp_avg_sqs.append(local(state["exp_avg_sq"]))
-                g.steps.append(int(state["step"].item()))  # CPU tensor: no device sync
+                g.steps.append(state["step"])  # before this step: the kernels use step + 1
                 g.layers.append(layers[p])
                 g.weights.append(self._weight(p))
+            steps += g.steps
             groups.append(g)
-        self._beta_state, self.last_sums = am_adamw(
+        self._beta_state, self.last_sums, skip = am_adamw(
             groups, self._get_beta_state(), self._beta_config(), reduce=reduce, impl=self._resolved_impl(),
-            force_beta=self._force_beta)
+            force_beta=self._force_beta, found_inf=self.found_inf, skip_nonfinite=self.skip_nonfinite)
+        self._record_skip(skip, steps)
         return loss
