@@ -53,5 +53,17 @@ def train_overrides(micro_model, data_dir, tmp_path):
     return make
 
 
+@pytest.fixture
+def triton_device(monkeypatch):
+    """Where tests of the Triton optimizer kernels run: Triton's interpreter on CPU tensors,
+    or the device named by ``AMLLM_TEST_DEVICE`` (e.g. ``cuda``, from tools/gpu_check.sh)."""
+    import torch
+
+    device = torch.device(os.environ.get("AMLLM_TEST_DEVICE", "cpu"))
+    if device.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return device
+
+
 def python() -> str:
     return sys.executable

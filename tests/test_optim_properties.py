@@ -10,15 +10,21 @@ import torch
 
 from amllm.optim import AMSGD, AMAdamW
 
-# auto (foreach at these sizes), for-loop, fused (on CPU: the C++ kernels), and the
-# torch.compile'd kernels (the CUDA path; AMSGD has none and runs foreach there).
-IMPLS = [None, False, "fused", "compiled"]
+# auto (foreach at these sizes), for-loop, fused (on CPU: the C++ kernels), the
+# torch.compile'd kernels (AMSGD has none and runs foreach there), and the Triton kernels
+# (the CUDA path; here under Triton's interpreter).
+IMPLS = [None, False, "fused", "compiled", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # these tests run on CPU tensors
 
 
 def _make(cls, params, impl, **kw):
-    opt = cls(params, **kw, **({"fused": True} if impl in ("fused", "compiled") else {"foreach": impl}))
-    if impl == "compiled":
-        opt._impl = "compiled"  # test hook: force the Inductor kernels on CPU
+    opt = cls(params, **kw, **({"fused": True} if impl in ("fused", "compiled", "triton") else {"foreach": impl}))
+    if impl in ("compiled", "triton"):
+        opt._impl = impl  # test hook: force the Inductor kernels on CPU / the Triton kernels
     return opt
 
 

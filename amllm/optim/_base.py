@@ -236,8 +236,11 @@ class AMOptimizerBase(Optimizer):
     def _record_skip(self, skip: Optional[Tensor], steps: list[Tensor]) -> None:
         """After a step: count it in every step counter unless skipped (one foreach op, no
         host read), and set ``last_skipped``."""
-        if steps:
-            torch._foreach_add_(steps, 1.0 if skip is None else skip.logical_not().to(steps[0].device))
+        if steps and skip is None:
+            torch._foreach_add_(steps, 1.0)
+        elif steps:  # a list of one 0-d tensor: the Tensor-scalar overload reads it on the host on CPU
+            keep = skip.logical_not().to(steps[0].device, torch.float32)
+            torch._foreach_add_(steps, [keep] * len(steps))
         if skip is None:
             device = self._get_beta_state().pi.device
             if device not in self._not_skipped:

@@ -92,6 +92,10 @@ def _launch(name: str, grid: int, device: torch.device, *args, **meta) -> None:
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):
             k[(grid,)](*args, **meta)
+    elif device.type == "cpu":  # the interpreter: its numpy internals warn (NumPy 1.25 deprecations)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            k[(grid,)](*args, **meta)
     else:
         k[(grid,)](*args, **meta)
 
