@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from .beta import POLICIES, BetaConfig, BetaState
 from .functional import lr_ratio
-from .reduce import local, resolve_reducer
+from .reduce import is_dtensor, local, resolve_reducer
 
 # β hyper-parameters are properties of the shared β, hence optimizer-wide.
 _BETA_KEYS = ("beta_policy", "beta_min", "restart_threshold", "restart_low", "per_layer")
@@ -214,8 +214,6 @@ class AMOptimizerBase(Optimizer):
 
     def _weight(self, p: Tensor) -> float:
         """Multiplier of a tensor's partial sums (plain tensors under a mesh reduction)."""
-        from .reduce import is_dtensor
-
         return 1.0 if is_dtensor(p) else self._plain_weight
 
     def _resolved_impl(self) -> str:

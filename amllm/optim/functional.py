@@ -179,6 +179,7 @@ def _buckets(n: int, tensors: list[Tensor], layers: list[Layer], impl: str = "fo
     compiled kernels skip tensors of < 2 elements (``"forloop"``).
     """
     out: dict = {}
+    triton_ok: dict = {}  # (device, dtype) -> bool, asked once per step, not per tensor
     for i in range(n):
         t = tensors[i]
         if impl == "forloop" or isinstance(layers[i], Tensor):
@@ -188,7 +189,10 @@ def _buckets(n: int, tensors: list[Tensor], layers: list[Layer], impl: str = "fo
         elif impl in _FUSED and not _same_dtypes(i, tensors, others):
             key = ("foreach", t.device, t.dtype)
         elif impl == "triton" or (impl == "fused" and t.device.type != "cpu"):
-            key = ("triton" if _triton.available(t.device, t.dtype) else "foreach", t.device, t.dtype)
+            ok = triton_ok.get((t.device, t.dtype))
+            if ok is None:
+                ok = triton_ok[t.device, t.dtype] = _triton.available(t.device, t.dtype)
+            key = ("triton" if ok else "foreach", t.device, t.dtype)
         elif impl in ("fused", "cpp") and _cpu_ext.available(t.device, t.dtype):
             key = ("cpp", t.device, t.dtype)
         elif impl in _FUSED and compiled and t.numel() < 2:
