@@ -31,10 +31,10 @@ the foreach path.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
+
+from ._probe import check_once
 
 _FNS: dict = {}
 _STATUS: dict = {}  # (device type, dtype) -> True | error string
@@ -104,29 +104,25 @@ def usable() -> str | None:
     return None
 
 
+def _probe(device: torch.device, dtype: torch.dtype) -> None:
+    """Compile both passes on dummy tensors (raises if that fails)."""
+    with torch.no_grad():
+        for n in (64, 8192):  # both of Inductor's size regimes (small / cascade sums)
+            x, g, d, v = (torch.rand(n, device=device, dtype=torch.float32).to(dtype) for _ in range(4))
+            one = torch.ones((), device=device, dtype=_ct(x))
+            adamw_sums = compiled("adamw_pass1")(x, g, d, v, one * 0.5, 0.99, 1e-8, 0.1, one)
+            compiled("adamw_pass2")(x, g, d, v, one * 0.5, one * 0.5, 0.99, 1e-8, 0.1, one, 1e-3, 0.0)
+            if not bool(torch.isfinite(adamw_sums).all()):
+                raise RuntimeError("non-finite sums from the probe")
+
+
 def available(device: torch.device, dtype: torch.dtype, warn: bool = True) -> bool:
     """Compile (once per device type and dtype) on dummy tensors; False if that fails."""
-    key = (device.type, dtype)
-    if key not in _STATUS:
-        reason = usable()
-        if reason is None:
-            try:
-                with torch.no_grad():
-                    for n in (64, 8192):  # both of Inductor's size regimes (small / cascade sums)
-                        x, g, d, v = (torch.rand(n, device=device, dtype=torch.float32).to(dtype) for _ in range(4))
-                        one = torch.ones((), device=device, dtype=_ct(x))
-                        adamw_sums = compiled("adamw_pass1")(x, g, d, v, one * 0.5, 0.99, 1e-8, 0.1, one)
-                        compiled("adamw_pass2")(x, g, d, v, one * 0.5, one * 0.5, 0.99, 1e-8, 0.1, one, 1e-3, 0.0)
-                        if not bool(torch.isfinite(adamw_sums).all()):
-                            raise RuntimeError("non-finite sums from the probe")
-                reason = None
-            except Exception as e:  # compiler missing, backend unsupported, ...
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        _STATUS[key] = True if reason is None else reason
-        if reason is not None and warn:
-            warnings.warn(f"amllm.optim: the compiled (fused) AM path is unavailable on {device.type}/{dtype} "
-                          f"({reason}); using the foreach path", RuntimeWarning, stacklevel=3)
-    return _STATUS[key] is True
+    def check():
+        return usable() or _probe(device, dtype)
+
+    return check_once(_STATUS, (device.type, dtype), "the compiled (fused) AM path is", f"{device.type}/{dtype}",
+                      check, warn)
 
 
 def flat(t: Tensor) -> Tensor:

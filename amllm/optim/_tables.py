@@ -23,8 +23,8 @@ _MAX = 64  # a few entries per bucket and step shape; old ones go when grads mov
 def upload(host: Tensor, device: torch.device) -> Tensor:
     """``host`` (a CPU tensor) on ``device`` without a synchronising copy.
 
-    The pinned staging tensor is returned inside the device tensor's cache entry by the
-    callers (``cached``), so it stays alive until the asynchronous copy has read it.
+    The staging copy comes from torch's pinned (caching host) allocator, which records the
+    asynchronous copy's event and does not reuse the block before the copy has read it.
     """
     if device.type == "cpu":
         return host

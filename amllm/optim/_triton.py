@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from . import _tables
+from ._probe import check_once
 
 CHUNK = 8192  # elements per program (see the module docstring)
 BLOCK = 1024  # lanes per inner iteration: 8 fp32 per thread at 4 warps
@@ -185,7 +186,7 @@ def adamw_stats(xs, gs, ds, vs, steps, layers, weights, n_layers, c1: Tensor, *,
     if meta.n_chunks:
         _launch("adamw_pass1", meta.n_chunks, t0.device, *meta.ptrs, meta.numel, meta.layer, meta.chunk_t,
                 meta.chunk_s, c1, part, _log(beta2), float(beta2), 1.0 - beta2, float(eps), float(lam),
-                WITH_X=with_x, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, FIX_BF16=interpret(), num_warps=4)
+                WITH_X=with_x, K=k, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, FIX_BF16=interpret(), num_warps=4)
     return _reduce(meta, part, k, t0.device), meta
 
 
@@ -262,17 +263,9 @@ def available(device: torch.device, dtype: torch.dtype, warn: bool = True) -> bo
     """Whether the kernels serve this device and dtype (defined and probed once per key)."""
     if dtype not in _DTYPES:
         return False
-    key = (device.type, interpret(), dtype)
-    if key not in _STATUS:
-        reason = unavailable_reason(device)
-        if reason is None:
-            try:
-                with torch.no_grad():
-                    _probe(device, dtype)
-            except Exception as e:  # compiler, driver or interpreter problem: the foreach path still works
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        _STATUS[key] = True if reason is None else reason
-        if reason is not None and warn:
-            warnings.warn(f"amllm.optim: the Triton multi-tensor kernels are unavailable on {device.type}/{dtype} "
-                          f"({reason}); using the foreach path", RuntimeWarning, stacklevel=3)
-    return _STATUS[key] is True
+
+    def check():
+        return unavailable_reason(device) or _probe(device, dtype)
+
+    return check_once(_STATUS, (device.type, interpret(), dtype), "the Triton multi-tensor kernels are",
+                      f"{device.type}/{dtype}", check, warn)

@@ -42,45 +42,53 @@ def _rnd(x, DT: tl.constexpr, FIX_BF16: tl.constexpr):
 
 
 @triton.jit
+def _ld(ptr, o, m, CT: tl.constexpr):
+    """Masked lanes read 0 (they then add 0 to every sum), converted to the compute type."""
+    return tl.load(ptr + o, mask=m, other=0.0).to(CT)
+
+
+@triton.jit
 def _ptr(table, t, DT: tl.constexpr):
     return tl.load(table + t).to(tl.pointer_type(DT))
 
 
 @triton.jit
+def _adamw_p(v, g, c1v, isc2, beta2, omb2, eps, lam, DT: tl.constexpr, FIX_BF16: tl.constexpr):
+    """Both passes: the new v as stored (storage dtype), and from it p, u = 1 + λp, inv = 1/(p u) = w."""
+    vs = _rnd(v * beta2 + omb2 * g * g, DT, FIX_BF16)
+    p = c1v * (tl.sqrt(vs.to(g.dtype)) * isc2 + eps)
+    u = 1.0 + lam * p
+    return vs, p, u, 1.0 / (p * u)
+
+
+@triton.jit
 def adamw_pass1(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, c1, part,
                 log_beta2, beta2, omb2, eps, lam,
-                WITH_X: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
+                WITH_X: tl.constexpr, K: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
                 BLOCK: tl.constexpr, FIX_BF16: tl.constexpr):
     t, start, end = _span(chunk_t, chunk_s, numel, CHUNK)
     xp, gp, dp, vp = _ptr(xs, t, DT), _ptr(gs, t, DT), _ptr(ds, t, DT), _ptr(vs, t, DT)
     c1v = tl.load(c1 + tl.load(layer + t)).to(CT)
     isc2 = _isc2(steps, t, log_beta2).to(CT)
-    s0 = tl.zeros([BLOCK], CT)
-    s1 = tl.zeros([BLOCK], CT)
-    s2 = tl.zeros([BLOCK], CT)
-    s3 = tl.zeros([BLOCK], CT)
-    s4 = tl.zeros([BLOCK], CT)
+    z = tl.zeros([BLOCK], CT)  # per-lane partial sums (values: rebinding never aliases)
+    s0, s1, s2, s3, s4 = z, z, z, z, z
     for off in range(start, end, BLOCK):
         o = off + tl.arange(0, BLOCK)
         m = o < end
-        g = tl.load(gp + o, mask=m, other=0.0).to(CT)
-        d = tl.load(dp + o, mask=m, other=0.0).to(CT)
-        v = tl.load(vp + o, mask=m, other=0.0).to(CT)
-        vn = _rnd(v * beta2 + omb2 * g * g, DT, FIX_BF16).to(CT)  # p from v as pass 2 stores it
-        p = c1v * (tl.sqrt(vn) * isc2 + eps)
-        u = 1.0 + lam * p
-        inv = 1.0 / (p * u)  # w; u·w = 1/p
+        g = _ld(gp, o, m, CT)
+        d = _ld(dp, o, m, CT)
+        # p from v as pass 2 will store it (v itself is not written here: the step may be skipped)
+        _, p, u, inv = _adamw_p(_ld(vp, o, m, CT), g, c1v, isc2, beta2, omb2, eps, lam, DT, FIX_BF16)
         delta = d - g
         q = d * u * inv  # masked lanes: g = d = 0, p = c1 ε > 0 -> every term 0
         s0 += g * q
         s1 += delta * q
         s2 += delta * inv * delta
         if WITH_X:
-            x = tl.load(xp + o, mask=m, other=0.0).to(CT)
+            x = _ld(xp, o, m, CT)
             s3 += g * x
             s4 += delta * x
-    K: tl.constexpr = 5 if WITH_X else 3
-    out = part + tl.program_id(0) * K
+    out = part + tl.program_id(0) * K  # K = 5 with x, else 3
     tl.store(out, tl.sum(s0, 0))
     tl.store(out + 1, tl.sum(s1, 0))
     tl.store(out + 2, tl.sum(s2, 0))
@@ -106,13 +114,10 @@ def adamw_pass2(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, c1, beta,
     for off in range(start, end, BLOCK):
         o = off + tl.arange(0, BLOCK)
         m = o < end
-        x = tl.load(xp + o, mask=m, other=0.0).to(CT)
-        g = tl.load(gp + o, mask=m, other=0.0).to(CT)
-        d = tl.load(dp + o, mask=m, other=0.0).to(CT)
-        vs_ = _rnd(tl.load(vp + o, mask=m, other=0.0).to(CT) * beta2 + omb2 * g * g, DT, FIX_BF16)
-        p = c1v * (tl.sqrt(vs_.to(CT)) * isc2 + eps)
-        u = 1.0 + lam * p
-        inv = 1.0 / (p * u)
+        x = _ld(xp, o, m, CT)
+        g = _ld(gp, o, m, CT)
+        d = _ld(dp, o, m, CT)
+        vs_, p, u, inv = _adamw_p(_ld(vp, o, m, CT), g, c1v, isc2, beta2, omb2, eps, lam, DT, FIX_BF16)
         dn = (d * (b + lam * p) + (1.0 - b) * g) * (p * inv)  # / (1 + λp)
         tl.store(vp + o, vs_, mask=m)
         tl.store(dp + o, _rnd(dn, DT, FIX_BF16), mask=m)
@@ -125,16 +130,15 @@ def sgd_pass1(xs, gs, ds, numel, chunk_t, chunk_s, part, wd,
               BLOCK: tl.constexpr):
     t, start, end = _span(chunk_t, chunk_s, numel, CHUNK)
     xp, gp, dp = _ptr(xs, t, DT), _ptr(gs, t, DT), _ptr(ds, t, DT)
-    s0 = tl.zeros([BLOCK], CT)
-    s1 = tl.zeros([BLOCK], CT)
-    s2 = tl.zeros([BLOCK], CT)
+    z = tl.zeros([BLOCK], CT)
+    s0, s1, s2 = z, z, z
     for off in range(start, end, BLOCK):
         o = off + tl.arange(0, BLOCK)
         m = o < end
-        g = tl.load(gp + o, mask=m, other=0.0).to(CT)
+        g = _ld(gp, o, m, CT)
         if WITH_X:
-            g += wd * tl.load(xp + o, mask=m, other=0.0).to(CT)  # G = g + μx (coupled)
-        d = tl.load(dp + o, mask=m, other=0.0).to(CT)
+            g += wd * _ld(xp, o, m, CT)  # G = g + μx (coupled)
+        d = _ld(dp, o, m, CT)
         delta = d - g
         s0 += g * d
         s1 += delta * g
@@ -158,9 +162,9 @@ def sgd_pass2(xs, gs, ds, numel, layer, chunk_t, chunk_s, beta, skip, lam, lr, w
     for off in range(start, end, BLOCK):
         o = off + tl.arange(0, BLOCK)
         m = o < end
-        x = tl.load(xp + o, mask=m, other=0.0).to(CT)
-        g = tl.load(gp + o, mask=m, other=0.0).to(CT) + wd * x
-        d = tl.load(dp + o, mask=m, other=0.0).to(CT)
+        x = _ld(xp, o, m, CT)
+        g = _ld(gp, o, m, CT) + wd * x
+        d = _ld(dp, o, m, CT)
         dn = d + coef * (d - g)  # ((β+λ)d + (1-β)G)/(1+λ)
         tl.store(dp + o, _rnd(dn, DT, FIX_BF16), mask=m)
         tl.store(xp + o, _rnd(x - lr * dn, DT, FIX_BF16), mask=m)

@@ -416,20 +416,26 @@ def _adamw_stats(grp: AdamWGroup, c1: Tensor, n_layers: int, impl: str):
     return packed, scratch
 
 
+def _apply_buckets(buckets: dict, skip: Optional[Tensor]):
+    """The buckets whose apply phase runs: the Triton and C++ kernels honour the skip flag
+    themselves; the fallback paths run only if it is false, read on the host at most once."""
+    host_skip = None
+    for key, idx in buckets.items():
+        if key[0] not in ("triton", "cpp"):
+            if host_skip is None:
+                host_skip = _host_skip(skip)
+            if host_skip:
+                continue
+        yield key, idx
+
+
 def _adamw_apply(grp: AdamWGroup, scratch: dict, c1: Tensor, beta: Tensor, skip: Optional[Tensor], impl: str):
-    host_skip = None  # read at most once, and only by a fallback path
-    for key, idx in _adamw_buckets(grp, impl).items():
+    for key, idx in _apply_buckets(_adamw_buckets(grp, impl), skip):
         if key[0] == "triton":
             _adamw_apply_triton(grp, idx, scratch[key], c1, beta, skip)
-            continue
-        if key[0] == "cpp":
+        elif key[0] == "cpp":
             _adamw_apply_cpp(grp, idx, scratch[key], beta, skip)
-            continue
-        if host_skip is None:
-            host_skip = _host_skip(skip)
-        if host_skip:
-            continue
-        if key[0] == "compiled":
+        elif key[0] == "compiled":
             _adamw_apply_compiled(grp, idx, scratch[key], c1, beta)
         elif key[0] == "foreach":
             _adamw_apply_foreach(grp, idx, scratch[key], beta)
@@ -581,31 +587,22 @@ def _sgd_stats(grp: SGDGroup, n_layers: int, impl: str, dtype, device):
 
 def _sgd_apply(grp: SGDGroup, sc, beta: Tensor, skip: Optional[Tensor], impl: str):
     have, scratch = sc
-    host_skip = None  # read at most once: by a tensor's first step or a fallback path
-    for i in range(len(grp.params)):  # first step of a tensor: d ← g, x ← x - η d
-        if grp.momentum_buffers[i] is None:
-            if host_skip is None:
-                host_skip = _host_skip(skip)  # not steady state: once per new tensor set
-            if host_skip:
-                break
-            x = grp.params[i]
-            d = _sgd_grad(_up(x), _up(grp.grads[i]), grp.weight_decay).clone()
-            x.copy_(_up(x) - grp.lr * d)
-            grp.momentum_buffers[i] = d.to(x.dtype)
-    for key, idx in _sgd_buckets(grp, have, impl).items():
+    first = [i for i in range(len(grp.params)) if grp.momentum_buffers[i] is None]
+    if first and _host_skip(skip):  # a host read, but only on the first step of some tensor
+        first = []
+    for i in first:  # first step of a tensor: d ← g, x ← x - η d
+        x = grp.params[i]
+        d = _sgd_grad(_up(x), _up(grp.grads[i]), grp.weight_decay).clone()
+        x.copy_(_up(x) - grp.lr * d)
+        grp.momentum_buffers[i] = d.to(x.dtype)
+    for key, idx in _apply_buckets(_sgd_buckets(grp, have, impl), skip):
         if key[0] == "triton":
             _triton.sgd_apply(scratch[key], grp.params[idx[0]].dtype, beta, skip, lam=grp.lam, lr=grp.lr,
                               wd=grp.weight_decay)
-            continue
-        if key[0] == "cpp":  # d ← d + (β-1)/(1+λ) δ, x ← x - η d (G = g + μx recomputed)
+        elif key[0] == "cpp":  # d ← d + (β-1)/(1+λ) δ, x ← x - η d (G = g + μx recomputed)
             coef = [(b - 1) / (1 + grp.lam) for b in _host_scalars(beta, grp.layers, idx)]
             _cpu_ext.load().sgd_pass2(*scratch[key], coef, grp.lr, grp.weight_decay, skip)
-            continue
-        if host_skip is None:
-            host_skip = _host_skip(skip)
-        if host_skip:
-            continue
-        if key[0] == "foreach":
+        elif key[0] == "foreach":
             X, Dm, Delta = scratch[key]
             # d ← ((β+λ)d + (1-β)g)/(1+λ) = d - (1-β)/(1+λ) δ
             torch._foreach_mul_(Delta, [(beta[grp.layers[i]] - 1) / (1 + grp.lam) for i in idx])
