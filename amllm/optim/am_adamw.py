@@ -63,16 +63,23 @@ class AMAdamW(AMOptimizerBase):
             per-tensor path.
         fused: True: two fused passes over memory, no temporaries: on CPU the C++
             kernels (``csrc/am_cpu.cpp``, one call per pass for all tensors; built once
-            per machine, ~25 s, cached in ``$TORCH_EXTENSIONS_DIR``), elsewhere the
-            ``torch.compile``d kernels (compiled once per process, device type and dtype);
+            per machine, ~25 s, cached in ``$TORCH_EXTENSIONS_DIR``; where that fails the
+            per-tensor ``torch.compile``d kernels), on CUDA the multi-tensor Triton kernels
+            (``_triton.py``: three launches per param group and step, no host sync);
             whatever cannot be built falls back to foreach with one warning.
             With neither given ("auto"): fused for models of ≥ 2^20 elements
             (``_FUSED_MIN_NUMEL``), foreach below.
+        skip_nonfinite: skip a step whose all-reduced sums are not all finite (a NaN/inf
+            gradient on any rank), on every rank alike. See also ``found_inf``.
 
     Attributes: ``last_beta`` (0-d or ``[n_layers]`` tensor on device),
-    ``fallback_count`` (0-d int64 tensor), ``last_sums`` ([L, 5] = A, B, C, D, count).
+    ``fallback_count`` (0-d int64 tensor), ``last_sums`` ([L, 5] = A, B, C, D, count),
+    ``found_inf`` (set by the caller before ``step()``: a 0-d tensor, nonzero skips the whole
+    step, as GradScaler's; the reducer is still called), ``skip_nonfinite``,
+    ``last_skipped`` (0-d bool tensor on device). A skipped step changes nothing but the
+    group's stored previous lr (see docs/optimizer.md).
 
-    State: per param ``step`` (0-d float32 CPU tensor), ``exp_avg`` (d) and
+    State: per param ``step`` (0-d float32 tensor on the parameter's device), ``exp_avg`` (d) and
     ``exp_avg_sq`` (v) in the parameter dtype (same bytes as AdamW); per β ``pi``,
     ``last_beta``, ``beta_step`` and the ``fallback_count`` in ``state_dict()["am_state"]``;
     the previous lr per group in ``param_groups[i]["prev_lr"]``.
