@@ -266,10 +266,14 @@ def main():
     for name in ("AdamW foreach", "AMAdamW default (auto)", "AMAdamW fused", "SGD momentum foreach", "AMSGD fused"):
         if name in opts:
             print(f"  state bytes {name:28s} {state_bytes(opts[name]):,}")
+    # dispatched ops at N and 4N tensors: the counts do not depend on sizes, so small
+    # dimensions (4x LLaMA-1B's tensors at full size would not fit next to the variants)
+    small_of = (lambda repeat: llama20m_shapes(vocab=1000, hidden=32, inter=86, layers=4 * repeat)) \
+        if args.shapes == "20m" else (lambda repeat: llama1b_shapes(128, repeat))
     ops_at = {}
-    for name in [n for n in opts if "triton" in n]:  # dispatched ops at N and 4N tensors
+    for name in [n for n in opts if "triton" in n]:
         for repeat in (1, 4):
-            opt = variants[name](make_params(shapes_of(repeat), device, dtype))
+            opt = variants[name](make_params(small_of(repeat), device, dtype))
             with ctx(name):
                 opt.step()
                 opt.step()
