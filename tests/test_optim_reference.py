@@ -167,14 +167,17 @@ def test_am_sgd_matches_reference(dtype, tol, mode, policy, impl, request):
 @pytest.mark.parametrize("cls", [AMAdamW, AMSGD])
 @pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("impl", ["fused", "triton"])
-def test_unaligned_views_of_one_flat_buffer_match_reference(cls, per_layer, impl, request):
-    """Params and grads are views of two flat float32 buffers at odd offsets (4-byte but not
-    16-byte aligned, as ZeRO's per-layer views of its flat partitions): the kernels address
-    them through their tables and match the oracle."""
+@pytest.mark.parametrize("aligned", [False, True])
+def test_views_of_one_flat_buffer_match_reference(cls, per_layer, impl, aligned, request):
+    """Params and grads are views of two flat float32 buffers (as ZeRO's per-layer views of
+    its flat partitions): at odd offsets (4-byte but not 16-byte aligned), or at offsets and
+    sizes that are multiples of 16 elements (the Triton kernels' 128-bit variant): the
+    kernels address them through their tables and match the oracle."""
     device = request.getfixturevalue("triton_device") if impl == "triton" else torch.device("cpu")
-    shapes = [(5, 7), (3,), (1,), (4, 9), (11,)]
+    shapes = [(4, 8), (16,), (2, 16), (48,)] if aligned else [(5, 7), (3,), (1,), (4, 9), (11,)]
     sizes = [math.prod(s) for s in shapes]
-    offsets = [3 + sum(sizes[:i]) + i for i in range(len(shapes))]  # a gap of one between views
+    gap = 16 if aligned else 1
+    offsets = [gap * 3 + sum(sizes[:i]) + gap * i for i in range(len(shapes))]  # a gap between views
     total = offsets[-1] + sizes[-1] + 2
     gen = torch.Generator().manual_seed(7)
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
@@ -184,7 +187,7 @@ def test_unaligned_views_of_one_flat_buffer_match_reference(cls, per_layer, impl
     for x, o, n in zip(init, offsets, sizes):
         flat[o:o + n] = x.reshape(-1).to(device, torch.float32)
         params.append(torch.nn.Parameter(flat[o:o + n].view(x.shape)))
-    assert params[0].data_ptr() % 16 != 0 and params[0].data_ptr() == flat[offsets[0]:].data_ptr()
+    assert all((p.data_ptr() % 16 == 0) == aligned for p in params)
     kw = dict(lr=0.02, weight_decay=0.1) if cls is AMAdamW else dict(lr=0.05, weight_decay=0.1)
     opt = cls(params, per_layer=per_layer, fused=True, lam=0.1, **kw)
     opt._impl = impl
@@ -208,6 +211,12 @@ def test_unaligned_views_of_one_flat_buffer_match_reference(cls, per_layer, impl
                                    dtype=torch.float64), rtol=2e-5, atol=2e-6)
         for i, p in enumerate(params):
             torch.testing.assert_close(p.detach().cpu().double(), ref.x[i], rtol=2e-5, atol=2e-6)
+    if impl == "triton" and cls is AMAdamW:  # the step's cached tables: the 128-bit variant ran iff aligned
+        st = [opt.state[p] for p in params]
+        meta = _triton.metadata([params, [p.grad for p in params], [x["exp_avg"] for x in st],
+                                 [x["exp_avg_sq"] for x in st], [x["step"] for x in st]], layer_of,
+                                [1.0] * len(params), n_layers, device)
+        assert meta.aligned == aligned
     gaps = torch.ones(total, dtype=torch.bool)
     for o, n in zip(offsets, sizes):
         gaps[o:o + n] = False

@@ -119,6 +119,7 @@ class Meta:
     counts: Tensor  # float64 element count per layer
     n_chunks: int
     n_layers: int
+    aligned: bool  # every address 16-byte aligned, every size a multiple of 16 (128-bit accesses)
     host: tuple = ()  # pinned staging copies, alive while the entry is cached
 
 
@@ -149,10 +150,11 @@ def _build(lists, layers, weights, n_layers, device) -> Meta:
     ints_d, flts_d = _tables.upload(ints, device), _tables.upload(flts, device)
     sizes = [n] * (len(lists) + 2) + [n_chunks] * 3 + [n_layers + 1]
     views = list(torch.split(ints_d, sizes))
+    aligned = all(t.data_ptr() % 16 == 0 and t.numel() % 16 == 0 for lst in lists[:4] for t in lst)
     return Meta(ptrs=views[:len(lists)], numel=views[len(lists)], layer=views[len(lists) + 1],
                 chunk_t=views[-4], chunk_s=views[-3], order=views[-2], lstart=views[-1],
                 wchunk=flts_d[:n_chunks], counts=flts_d[n_chunks:], n_chunks=n_chunks, n_layers=n_layers,
-                host=(ints, flts))
+                aligned=aligned, host=(ints, flts))
 
 
 def _types(dtype: torch.dtype):
@@ -186,7 +188,7 @@ def adamw_stats(xs, gs, ds, vs, steps, layers, weights, n_layers, c1: Tensor, *,
     if meta.n_chunks:
         _launch("adamw_pass1", meta.n_chunks, t0.device, *meta.ptrs, meta.numel, meta.layer, meta.chunk_t,
                 meta.chunk_s, c1, part, _log(beta2), float(beta2), 1.0 - beta2, float(eps), float(lam),
-                WITH_X=with_x, K=k, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, FIX_BF16=interpret(), num_warps=4)
+                WITH_X=with_x, K=k, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, FIX_BF16=interpret(), ALIGNED=meta.aligned, num_warps=4)
     return _reduce(meta, part, k, t0.device), meta
 
 
@@ -198,7 +200,7 @@ def adamw_apply(meta: Meta, dtype, c1: Tensor, beta: Tensor, skip, *, beta2, eps
             meta.chunk_s, c1, beta, c1 if skip is None else skip, _log(beta2), float(beta2), 1.0 - beta2,
             float(eps), float(lam), float(lr), 1.0 - lr * wd,
             HAS_SKIP=skip is not None, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, FIX_BF16=interpret(),
-            num_warps=4)
+            ALIGNED=meta.aligned, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- AM-SGD
@@ -213,7 +215,7 @@ def sgd_stats(xs, gs, ds, layers, weights, n_layers, *, wd):
                        device=t0.device)
     if meta.n_chunks:
         _launch("sgd_pass1", meta.n_chunks, t0.device, *meta.ptrs, meta.numel, meta.chunk_t, meta.chunk_s, part,
-                float(wd), WITH_X=wd != 0, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=4)
+                float(wd), WITH_X=wd != 0, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=meta.aligned, num_warps=4)
     return _reduce(meta, part, 3, t0.device), meta
 
 
@@ -224,7 +226,7 @@ def sgd_apply(meta: Meta, dtype, beta: Tensor, skip, *, lam, lr, wd) -> None:
     _launch("sgd_pass2", meta.n_chunks, meta.numel.device, *meta.ptrs, meta.numel, meta.layer, meta.chunk_t,
             meta.chunk_s, beta, beta if skip is None else skip, float(lam), float(lr), float(wd),
             HAS_SKIP=skip is not None, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, FIX_BF16=interpret(),
-            num_warps=4)
+            ALIGNED=meta.aligned, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- availability
@@ -253,9 +255,14 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cpu" and not interpret():
         return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1"
     try:
-        import triton  # noqa: F401
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
     except Exception as e:
         return f"triton is not importable ({type(e).__name__}: {e})"
+    if isinstance(tl.sum, InterpretedFunction) != interpret():
+        # triton decorates its own library (tl.sum, ...) when first imported
+        return (f"triton was first imported with TRITON_INTERPRET={'1' if not interpret() else 'unset'}; "
+                f"set the variable before anything imports triton")
     return None
 
 

@@ -13,12 +13,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _span(chunk_t, chunk_s, numel, CHUNK: tl.constexpr):
-    """(tensor index, first element, end) of this program's chunk."""
+def _span(chunk_t, chunk_s, numel, CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
+    """(tensor index, first element, end) of this program's chunk. ``ALIGNED``: the host
+    checked that every address is 16-byte aligned and every size a multiple of 16 elements;
+    with these hints (and ``_ptr``'s) loads and stores compile to 128-bit accesses, without
+    them to one access per element (values loaded from a table carry no alignment)."""
     pid = tl.program_id(0)
     t = tl.load(chunk_t + pid)
     start = tl.load(chunk_s + pid)
     end = tl.minimum(start + CHUNK, tl.load(numel + t))
+    if ALIGNED:
+        start = tl.multiple_of(start, 16)
+        end = tl.multiple_of(end, 16)
     return t, start, end
 
 
@@ -48,8 +54,11 @@ def _ld(ptr, o, m, CT: tl.constexpr):
 
 
 @triton.jit
-def _ptr(table, t, DT: tl.constexpr):
-    return tl.load(table + t).to(tl.pointer_type(DT))
+def _ptr(table, t, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    p = tl.load(table + t).to(tl.pointer_type(DT))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
 
 
 @triton.jit
@@ -65,9 +74,9 @@ def _adamw_p(v, g, c1v, isc2, beta2, omb2, eps, lam, DT: tl.constexpr, FIX_BF16:
 def adamw_pass1(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, c1, part,
                 log_beta2, beta2, omb2, eps, lam,
                 WITH_X: tl.constexpr, K: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
-                BLOCK: tl.constexpr, FIX_BF16: tl.constexpr):
-    t, start, end = _span(chunk_t, chunk_s, numel, CHUNK)
-    xp, gp, dp, vp = _ptr(xs, t, DT), _ptr(gs, t, DT), _ptr(ds, t, DT), _ptr(vs, t, DT)
+                BLOCK: tl.constexpr, FIX_BF16: tl.constexpr, ALIGNED: tl.constexpr):
+    t, start, end = _span(chunk_t, chunk_s, numel, CHUNK, ALIGNED)
+    xp, gp, dp, vp = _ptr(xs, t, DT, ALIGNED), _ptr(gs, t, DT, ALIGNED), _ptr(ds, t, DT, ALIGNED), _ptr(vs, t, DT, ALIGNED)
     c1v = tl.load(c1 + tl.load(layer + t)).to(CT)
     isc2 = _isc2(steps, t, log_beta2).to(CT)
     z = tl.zeros([BLOCK], CT)  # per-lane partial sums (values: rebinding never aliases)
@@ -101,12 +110,12 @@ def adamw_pass1(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, c1, part,
 def adamw_pass2(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, c1, beta, skip,
                 log_beta2, beta2, omb2, eps, lam, lr, decay,
                 HAS_SKIP: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
-                BLOCK: tl.constexpr, FIX_BF16: tl.constexpr):
-    t, start, end = _span(chunk_t, chunk_s, numel, CHUNK)
+                BLOCK: tl.constexpr, FIX_BF16: tl.constexpr, ALIGNED: tl.constexpr):
+    t, start, end = _span(chunk_t, chunk_s, numel, CHUNK, ALIGNED)
     if HAS_SKIP:
         if tl.load(skip) != 0:
             end = start  # skipped step: no element is read or written
-    xp, gp, dp, vp = _ptr(xs, t, DT), _ptr(gs, t, DT), _ptr(ds, t, DT), _ptr(vs, t, DT)
+    xp, gp, dp, vp = _ptr(xs, t, DT, ALIGNED), _ptr(gs, t, DT, ALIGNED), _ptr(ds, t, DT, ALIGNED), _ptr(vs, t, DT, ALIGNED)
     li = tl.load(layer + t)
     c1v = tl.load(c1 + li).to(CT)
     b = tl.load(beta + li).to(CT)
@@ -127,9 +136,9 @@ def adamw_pass2(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, c1, beta,
 @triton.jit
 def sgd_pass1(xs, gs, ds, numel, chunk_t, chunk_s, part, wd,
               WITH_X: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
-              BLOCK: tl.constexpr):
-    t, start, end = _span(chunk_t, chunk_s, numel, CHUNK)
-    xp, gp, dp = _ptr(xs, t, DT), _ptr(gs, t, DT), _ptr(ds, t, DT)
+              BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    t, start, end = _span(chunk_t, chunk_s, numel, CHUNK, ALIGNED)
+    xp, gp, dp = _ptr(xs, t, DT, ALIGNED), _ptr(gs, t, DT, ALIGNED), _ptr(ds, t, DT, ALIGNED)
     z = tl.zeros([BLOCK], CT)
     s0, s1, s2 = z, z, z
     for off in range(start, end, BLOCK):
@@ -152,12 +161,12 @@ def sgd_pass1(xs, gs, ds, numel, chunk_t, chunk_s, part, wd,
 @triton.jit
 def sgd_pass2(xs, gs, ds, numel, layer, chunk_t, chunk_s, beta, skip, lam, lr, wd,
               HAS_SKIP: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
-              BLOCK: tl.constexpr, FIX_BF16: tl.constexpr):
-    t, start, end = _span(chunk_t, chunk_s, numel, CHUNK)
+              BLOCK: tl.constexpr, FIX_BF16: tl.constexpr, ALIGNED: tl.constexpr):
+    t, start, end = _span(chunk_t, chunk_s, numel, CHUNK, ALIGNED)
     if HAS_SKIP:
         if tl.load(skip) != 0:
             end = start
-    xp, gp, dp = _ptr(xs, t, DT), _ptr(gs, t, DT), _ptr(ds, t, DT)
+    xp, gp, dp = _ptr(xs, t, DT, ALIGNED), _ptr(gs, t, DT, ALIGNED), _ptr(ds, t, DT, ALIGNED)
     coef = (tl.load(beta + tl.load(layer + t)).to(CT) - 1.0) / (1.0 + lam)
     for off in range(start, end, BLOCK):
         o = off + tl.arange(0, BLOCK)
