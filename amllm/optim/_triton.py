@@ -144,17 +144,27 @@ def _build(lists, layers, weights, n_layers, device) -> Meta:
     order = torch.argsort(layer_c, stable=True)
     lstart = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(torch.bincount(layer_c, minlength=n_layers), 0)])
     ptrs = [torch.tensor([t.data_ptr() for t in lst], dtype=torch.int64) for lst in lists]
-    ints = torch.cat([*ptrs, numel, layer, chunk_t, chunk_s, order, lstart])
     counts = torch.zeros(n_layers, dtype=torch.float64).index_add_(0, layer, numel.double())
-    flts = torch.cat([torch.tensor(weights, dtype=torch.float64)[chunk_t], counts])
-    ints_d, flts_d = _tables.upload(ints, device), _tables.upload(flts, device)
-    sizes = [n] * (len(lists) + 2) + [n_chunks] * 3 + [n_layers + 1]
-    views = list(torch.split(ints_d, sizes))
+    # One upload per dtype; every table padded to 16 bytes, so that every view is 16-byte
+    # aligned: Triton specialises a kernel on each pointer argument's alignment, and tables
+    # at arbitrary offsets would compile many variants of each kernel.
+    ints, int_views = _packed([*ptrs, numel, layer, chunk_t, chunk_s, order, lstart], device)
+    flts, (wchunk, counts) = _packed([torch.tensor(weights, dtype=torch.float64)[chunk_t], counts], device)
     aligned = all(t.data_ptr() % 16 == 0 and t.numel() % 16 == 0 for lst in lists[:4] for t in lst)
-    return Meta(ptrs=views[:len(lists)], numel=views[len(lists)], layer=views[len(lists) + 1],
-                chunk_t=views[-4], chunk_s=views[-3], order=views[-2], lstart=views[-1],
-                wchunk=flts_d[:n_chunks], counts=flts_d[n_chunks:], n_chunks=n_chunks, n_layers=n_layers,
-                aligned=aligned, host=(ints, flts))
+    k = len(lists)
+    return Meta(ptrs=int_views[:k], numel=int_views[k], layer=int_views[k + 1], chunk_t=int_views[k + 2],
+                chunk_s=int_views[k + 3], order=int_views[k + 4], lstart=int_views[k + 5], wchunk=wchunk,
+                counts=counts, n_chunks=n_chunks, n_layers=n_layers, aligned=aligned, host=(ints,))
+
+
+def _packed(tables: list[Tensor], device) -> tuple[Tensor, list[Tensor]]:
+    """The 8-byte ``tables`` in one device tensor (one upload), each padded to an even length;
+    returns (the host tensor, the device views)."""
+    padded = [torch.cat([t, t.new_zeros(t.numel() % 2)]) for t in tables]
+    host = torch.cat(padded)
+    dev = _tables.upload(host, device)
+    views = [v[:t.numel()] for v, t in zip(torch.split(dev, [p.numel() for p in padded]), tables)]
+    return host, views
 
 
 def _types(dtype: torch.dtype):
