@@ -315,3 +315,16 @@ def test_import_order_mismatch_is_reported(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         device = torch.device("cpu")
     assert "first imported" in _triton.unavailable_reason(device)
+
+
+def test_trainer_config_selects_the_triton_path():
+    """optim.impl=triton (AM optimizers only) forces the Triton kernels in the trainer."""
+    from amllm.config import ConfigError, OptimConfig
+    from amllm.optim_factory import build_optimizer
+
+    for name in ("am_adamw", "am_sgd"):
+        opt = build_optimizer(OptimConfig(name=name, impl="triton"), [torch.nn.Parameter(torch.zeros(3))],
+                              torch.device("cpu"))
+        assert opt._resolved_impl() == "triton"
+    with pytest.raises(ConfigError, match="optim.impl=triton applies to am_adamw/am_sgd only"):
+        OptimConfig(name="adamw", impl="triton")
