@@ -142,7 +142,8 @@ def _build(lists, layers, weights, n_layers, device) -> Meta:
     layer = torch.tensor(layers, dtype=torch.int64)
     layer_c = layer[chunk_t]
     order = torch.argsort(layer_c, stable=True)
-    lstart = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(torch.bincount(layer_c, minlength=n_layers), 0)])
+    per_layer = torch.bincount(layer_c, minlength=n_layers)
+    lstart = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(per_layer, 0)])
     ptrs = [torch.tensor([t.data_ptr() for t in lst], dtype=torch.int64) for lst in lists]
     counts = torch.zeros(n_layers, dtype=torch.float64).index_add_(0, layer, numel.double())
     # One upload per dtype; every table padded to 16 bytes, so that every view is 16-byte
@@ -198,7 +199,8 @@ def adamw_stats(xs, gs, ds, vs, steps, layers, weights, n_layers, c1: Tensor, *,
     if meta.n_chunks:
         _launch("adamw_pass1", meta.n_chunks, t0.device, *meta.ptrs, meta.numel, meta.layer, meta.chunk_t,
                 meta.chunk_s, c1, part, _log(beta2), float(beta2), 1.0 - beta2, float(eps), float(lam),
-                WITH_X=with_x, K=k, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, FIX_BF16=interpret(), ALIGNED=meta.aligned, num_warps=4)
+                WITH_X=with_x, K=k, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, FIX_BF16=interpret(),
+                ALIGNED=meta.aligned, num_warps=4)
     return _reduce(meta, part, k, t0.device), meta
 
 

@@ -76,7 +76,8 @@ def adamw_pass1(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, c1, part,
                 WITH_X: tl.constexpr, K: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
                 BLOCK: tl.constexpr, FIX_BF16: tl.constexpr, ALIGNED: tl.constexpr):
     t, start, end = _span(chunk_t, chunk_s, numel, CHUNK, ALIGNED)
-    xp, gp, dp, vp = _ptr(xs, t, DT, ALIGNED), _ptr(gs, t, DT, ALIGNED), _ptr(ds, t, DT, ALIGNED), _ptr(vs, t, DT, ALIGNED)
+    xp, gp = _ptr(xs, t, DT, ALIGNED), _ptr(gs, t, DT, ALIGNED)
+    dp, vp = _ptr(ds, t, DT, ALIGNED), _ptr(vs, t, DT, ALIGNED)
     c1v = tl.load(c1 + tl.load(layer + t)).to(CT)
     isc2 = _isc2(steps, t, log_beta2).to(CT)
     z = tl.zeros([BLOCK], CT)  # per-lane partial sums (values: rebinding never aliases)
@@ -115,7 +116,8 @@ def adamw_pass2(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, c1, beta,
     if HAS_SKIP:
         if tl.load(skip) != 0:
             end = start  # skipped step: no element is read or written
-    xp, gp, dp, vp = _ptr(xs, t, DT, ALIGNED), _ptr(gs, t, DT, ALIGNED), _ptr(ds, t, DT, ALIGNED), _ptr(vs, t, DT, ALIGNED)
+    xp, gp = _ptr(xs, t, DT, ALIGNED), _ptr(gs, t, DT, ALIGNED)
+    dp, vp = _ptr(ds, t, DT, ALIGNED), _ptr(vs, t, DT, ALIGNED)
     li = tl.load(layer + t)
     c1v = tl.load(c1 + li).to(CT)
     b = tl.load(beta + li).to(CT)
