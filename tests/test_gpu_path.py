@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from amllm import faults  # noqa: E402
 from amllm.debug import HostReadError, HostReads  # noqa: E402
+from amllm.optim import _triton  # noqa: E402
 
 TRITON = {"TRITON_INTERPRET": "1"}
 
@@ -102,7 +103,10 @@ def test_quiet_steps_make_no_host_read_one_process(train_overrides, tmp_path, mo
                    "train.nonfinite": "skip"},
                   {"optim.name": "am_sgd", "optim.impl": "triton", "optim.lr": 0.05}):
         run = tmp_path / "_".join(f"{v}" for v in optim.values())
+        launches = _triton.launches
         assert train.main(quiet(train_overrides, run, **optim)) == 0, optim
+        if optim["optim.impl"] == "triton":  # the kernels ran (no silent fallback to foreach)
+            assert _triton.launches >= launches + 3 * 8, optim
 
 
 @pytest.mark.slow
