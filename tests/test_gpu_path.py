@@ -106,7 +106,7 @@ def test_quiet_steps_make_no_host_read_one_process(train_overrides, tmp_path, mo
         launches = _triton.launches
         assert train.main(quiet(train_overrides, run, **optim)) == 0, optim
         if optim["optim.impl"] == "triton":  # the kernels ran (no silent fallback to foreach)
-            assert _triton.launches >= launches + 3 * 8, optim
+            assert _triton.launches >= launches + 3 * 7, optim  # AM-SGD: no sums on its first step
 
 
 @pytest.mark.slow

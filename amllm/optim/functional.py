@@ -214,7 +214,9 @@ def _skip_flag(found_inf: Optional[Tensor], skip_nonfinite: bool, packed: Tensor
     """
     skip = None
     if found_inf is not None:
-        skip = (found_inf.to(packed.device, non_blocking=True) != 0).any()
+        # onto the host (optimizer offload: CPU statistics) the copy must block: a non-blocking
+        # device-to-host copy may be read before it lands; host-to-device can be asynchronous
+        skip = (found_inf.to(packed.device, non_blocking=packed.device.type != "cpu") != 0).any()
     if skip_nonfinite:
         bad = torch.isfinite(packed).all().logical_not()
         skip = bad if skip is None else skip | bad
