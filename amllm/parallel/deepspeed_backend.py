@@ -197,6 +197,31 @@ def _shards_zero3(ds_opt, layer_of) -> list[_Shard]:
     return shards
 
 
+def _reduce_group(dp_group, shards: list[_Shard]):
+    """The group AM's packed sums are all-reduced over: DeepSpeed's data-parallel group, unless the
+    shards live where that group has no backend. Under optimizer offload the fp32 shards, the AM
+    state and the sums are CPU tensors, and NCCL serves CUDA tensors only: then a gloo group over
+    the same ranks is built here (bind runs on every rank, so every rank joins) and the CPU sums
+    are reduced there, with no device copy and no host sync. One rank: no reduction at all."""
+    import torch.distributed as dist
+
+    from amllm.optim.reduce import group_serves
+
+    devices = {s.flat.device.type for s in shards}
+    if len(devices) > 1:
+        raise RuntimeError(f"DeepSpeed's fp32 shards are on several device types {sorted(devices)}; "
+                           f"see docs/deepspeed_notes.md")
+    if dist.get_world_size(dp_group) == 1:
+        return None  # the shards are the whole model: nothing to sum (and NCCL could not sum CPU tensors)
+    if not devices or group_serves(dp_group, torch.device(devices.pop())):
+        return dp_group
+    ranks = dist.get_process_group_ranks(dp_group)
+    if len(ranks) != dist.get_world_size():
+        raise ConfigError("AM-AdamW with ZeRO optimizer offload needs the data-parallel group to span all ranks "
+                          "(no model/sequence parallelism); set zero_optimization.offload_optimizer.device=none")
+    return dist.new_group(ranks, backend="gloo")
+
+
 class ZeroAMAdapter(torch.optim.Optimizer):
     """What DeepSpeed sees as the client optimizer; runs one exact AM step per engine step.
 
@@ -204,7 +229,8 @@ class ZeroAMAdapter(torch.optim.Optimizer):
     hyper-parameters, its param groups). DeepSpeed rewrites this adapter's param groups to its
     flat shards; :meth:`bind` then builds ``self.am``, an optimizer of the template's class over
     those shards (per-layer: over views of them, one per parameter fragment) with ``reducer`` =
-    the data-parallel group. Use ``self.am`` for ``last_beta`` / ``fallback_count``; learning rates are
+    the data-parallel group (a gloo twin of it when offload puts the shards on the CPU and the
+    group is NCCL: :func:`_reduce_group`). Use ``self.am`` for ``last_beta`` / ``fallback_count``; learning rates are
     set on this adapter's (= DeepSpeed's) param groups and copied to ``self.am`` at each step.
     """
 
@@ -271,7 +297,7 @@ class ZeroAMAdapter(torch.optim.Optimizer):
             self._pieces = [(s, s.flat, None, 0) for s in shards]
         inner_groups = [{**{k: v for k, v in g.items() if k != "params"},
                          "params": [t for s, t, _, _ in self._pieces if s.group == i]} for i, g in enumerate(self._groups)]
-        self.am = type(self.template)(inner_groups, reducer=group[0], **self.template.defaults)
+        self.am = type(self.template)(inner_groups, reducer=_reduce_group(group[0], shards), **self.template.defaults)
         if self.template.defaults.get("per_layer", False):
             self.am.set_layer_map({t: layer for _, t, _, layer in self._pieces}, n_layers)
         self.zero_padding()
