@@ -49,6 +49,32 @@ from amllm.config import Config, ConfigError
 from amllm.optim._base import AMOptimizerBase
 
 # ---------------------------------------------------------------------------------------
+# Which DeepSpeed versions the adapter is tested with
+# ---------------------------------------------------------------------------------------
+
+#: [lowest, above highest) DeepSpeed versions the adapter is tested with; pyproject's extras say the
+#: same (tests/test_deepspeed_config.py checks both agree). The adapter reads ~20 private attributes
+#: of DeepSpeed's ZeRO optimizers, listed in docs/deepspeed_notes.md; re-run tools/ds_probe.py and
+#: tests/test_deepspeed_zero.py before widening the range.
+DEEPSPEED_TESTED = ("0.16", "0.20")
+
+
+def check_deepspeed_version(version: str) -> None:
+    """Refuse a DeepSpeed older than the adapter knows; warn (one line) for a newer, untested one."""
+    import warnings
+
+    from packaging.version import Version
+
+    low, high = DEEPSPEED_TESTED
+    pin = f"pip install 'deepspeed>={low},<{high}'"
+    if Version(version) < Version(low):
+        raise ConfigError(f"deepspeed {version} is older than the adapter supports ({low}); {pin}")
+    if Version(version) >= Version(high):
+        warnings.warn(f"deepspeed {version} is untested with amllm's ZeRO adapter (tested: >={low},<{high}; it reads "
+                      f"private attributes, see docs/deepspeed_notes.md); {pin} if the run misbehaves", stacklevel=2)
+
+
+# ---------------------------------------------------------------------------------------
 # DeepSpeed JSON <-> trainer config
 # ---------------------------------------------------------------------------------------
 
@@ -387,6 +413,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: 
     import deepspeed
     import torch.distributed as dist
 
+    check_deepspeed_version(deepspeed.__version__)
     if not dist.is_initialized():  # the world size decides gradient_accumulation_steps: join first
         deepspeed.init_distributed()  # env from the launcher; NCCL on CUDA, gloo/oneCCL on CPU
     world = dist.get_world_size()
