@@ -139,3 +139,26 @@ def test_launcher_input_errors_are_one_line(script, env, msg):
     r = subprocess.run(["bash", f"launch/{script}", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
                        timeout=60, env={**os.environ, "NPROC_PER_NODE": "1", "NUM_GPUS": "1", **env})
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and msg in r.stderr, r.stderr
+
+
+def test_fsdp2_in_one_process_gets_a_one_rank_group():
+    """`python train.py parallel.backend=fsdp2` (or torchrun with 1 process) joins no process group, and
+    fully_shard needs one: FSDP2Backend.setup starts a one-rank group (in-process store, no port)."""
+    code = """
+import torch
+from amllm.parallel.distributed import ensure_process_group
+from amllm.parallel.fsdp import apply_fsdp2
+from amllm.optim import AMAdamW
+from tests.dist_cases import tiny_llama, global_batch
+ensure_process_group(torch.device("cpu"))
+model = apply_fsdp2(tiny_llama(), "fp32")
+opt = AMAdamW(model.parameters(), lr=1e-2, foreach=True)
+ids = global_batch(0)
+model(input_ids=ids, labels=ids).loss.backward()
+opt.step()
+print("ok", float(opt.last_beta))
+"""
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]

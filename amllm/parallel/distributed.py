@@ -75,6 +75,14 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 1800, deepspeed
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
+def ensure_process_group(device: torch.device) -> None:
+    """A one-rank process group when none was started (one process: init_distributed joins none),
+    for what needs a group even then (FSDP2's fully_shard). In-process store: no port is taken."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, device_id=device if device.type == "cuda" else None)
+
+
 def _restart_store(rank: int, world: int, timeout: datetime.timedelta):
     """After a `torchrun --max-restarts` restart: the launcher's store under a per-attempt prefix.
 
