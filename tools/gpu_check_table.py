@@ -88,11 +88,15 @@ def bench_figures(log: str) -> str:
     ms = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^\s+(\S.*?)\s+([\d.]+) ms/step", log, re.M)}
     launches = {m.group(1).strip(): m.group(2) for m in
                 re.finditer(r"^\s+(\S.*?)\s+.*?([\d.]+) launches/step", log, re.M)}
-    am = next((k for k in ("AMAdamW fused", "AMAdamW default (auto)") if k in ms), None)
+    ams = [k for k in ms if k.startswith("AM")]
+    am = next((k for k in ("AMAdamW default (auto)", "AMAdamW fused") if k in ms), ams[0] if ams else None)
     base = ms.get("AdamW fused")
     if am is None or base is None:
         return "no ms/step lines in the output"
     out = f"{am} {ms[am]:.2f} ms vs AdamW fused {base:.2f} ms = **{ms[am] / base:.2f}x**"
+    others = [f"{k.removeprefix('AMAdamW ')} {ms[k] / base:.2f}x" for k in ams if k != am]
+    if others:
+        out += f" ({', '.join(others)})"
     if am in launches and "AdamW fused" in launches:
         out += f"; launches/step {launches[am]} vs {launches['AdamW fused']}"
     else:
@@ -204,6 +208,24 @@ def table(w: Path, mode: str, total_s: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def study_steps(w: Path, budget_s: float, max_steps: int, runs: int = 4, batch: int = 1024, seq: int = 256) -> int:
+    """Steps of LLaMA-20M each of the ``runs`` concurrent study runs can finish in ``budget_s``, from
+    the TFLOP/s that LLaMA-60M sustained alone (compiled) at the same batch, halved for eager mode;
+    40 s are kept for start-up and the final evaluation. Multiples of 10 (the logging interval)."""
+    recs = records(w / "perf60m")[1:]
+    if not recs:
+        return max(10, max_steps // 3)
+    from amllm.config import ModelConfig
+    from amllm.model import flops_per_token, load_llama_config
+
+    hf = load_llama_config(ModelConfig(name="llama_20m"), vocab_size=32000)
+    h = hf.hidden_size  # non-embedding parameters: attention + MLP matrices, and the LM head
+    n = hf.num_hidden_layers * (4 * h * h + 3 * h * hf.intermediate_size) + hf.vocab_size * h
+    step_s = runs * flops_per_token(hf, n, seq) * batch * seq / (0.5 * statistics.median(r["tflops"] for r in recs) * 1e12)
+    steps = int((budget_s - 40) / step_s) // 10 * 10
+    return max(10, min(max_steps, steps))
+
+
 def validate(w: Path) -> int:
     """Every recorded train.py command line must parse into a config (and its DeepSpeed JSON validate)."""
     from amllm.config import ConfigError, load_config
@@ -234,7 +256,12 @@ def main(argv=None) -> int:
     ap.add_argument("--total-s", type=int, default=0)
     ap.add_argument("--out", type=Path, help="also write the table here (Markdown)")
     ap.add_argument("--validate", action="store_true", help="check the dry run's train.py command lines")
+    ap.add_argument("--study-steps", nargs=2, type=int, metavar=("BUDGET_S", "MAX_STEPS"),
+                    help="print the warmup study's steps that fit BUDGET_S (from the LLaMA-60M speed)")
     args = ap.parse_args(argv)
+    if args.study_steps:
+        print(study_steps(args.workdir, *args.study_steps))
+        return 0
     if not (args.workdir / "parts.tsv").is_file():
         print(f"error: no parts.tsv in {args.workdir}; run bash tools/gpu_check.sh first", file=sys.stderr)
         return 2
