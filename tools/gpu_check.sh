@@ -147,7 +147,7 @@ if [[ $MODE == gpu ]]; then
     train.max_steps=30 log.every=5 train.compile=true "run_dir=$W/perf60m"
   kill "$smi" 2>/dev/null
 else
-  part perf60m 90 $PY train.py --config configs/c4/llama_60m_am_adamw_nowarmup.yaml "${DATA[@]}" "${QUIET[@]}" \
+  part perf60m 180 $PY train.py --config configs/c4/llama_60m_am_adamw_nowarmup.yaml "${DATA[@]}" "${QUIET[@]}" \
     train.max_steps=2 log.every=1 train.batch_size=8 train.micro_batch_size=8 "run_dir=$W/perf60m"
 fi
 
