@@ -69,11 +69,15 @@ def main(argv=None) -> int:
     faults.check_output_dir(run_dir)  # nothing is written into run_dir until every input is validated
 
     # ---- data: rank 0 tokenizes (once, cached), everyone memory-maps -----------------------------
-    if is_main:
-        prepare(cfg.data)
-    D.barrier()
-    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.data_dir)
-    train_data, val_data, manifest = load_shards(shard_dir(cfg.data, tokenizer), tokenizer, cfg.data.seq_len)
+    # the others wait on a side group with data.prepare_timeout_s (not NCCL's 30 min), or get rank 0's error
+    D.main_first(lambda: prepare(cfg.data), "tokenizing the data", cfg.data.prepare_timeout_s, error=DataError)
+    failure = None
+    try:
+        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.data_dir)
+        train_data, val_data, manifest = load_shards(shard_dir(cfg.data, tokenizer), tokenizer, cfg.data.seq_len)
+    except DataError as e:
+        failure = e
+    D.raise_if_any_rank(failure, DataError, hint="multi-node: data.data_dir must be on a filesystem every node sees")
     sampler = BatchSampler(train_data, cfg.data.seq_len, cfg.train.batch_size, cfg.train.micro_batch_size,
                            rank=info.rank, world=info.world_size, seed=cfg.train.seed)
     accum = cfg.train.batch_size // info.world_size // cfg.train.micro_batch_size  # micro-steps per step

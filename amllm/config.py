@@ -81,6 +81,9 @@ class DataConfig:
     """Share of documents held out for validation when the source has no validation split."""
     num_proc: int = 2
     """Worker processes for tokenization in prepare_data."""
+    prepare_timeout_s: int = 21600
+    """How long the other ranks wait for rank 0 to tokenize (train.py's first run on new data); they
+    print progress meanwhile. Tokenize ahead with tools/prepare_data.py to not wait at all."""
 
     def __post_init__(self) -> None:
         _one_of("data.source", self.source, ("sotu", "c4_local", "c4_hub"))
@@ -92,6 +95,7 @@ class DataConfig:
             _check(v is None or v > 0, f"data.{key}={v!r} must be a positive token count or null")
         _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction!r} must be in (0, 1)")
         _positive("data.num_proc", self.num_proc)
+        _positive("data.prepare_timeout_s", self.prepare_timeout_s)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError
 from ..faults import NonFiniteGuard, takes_found_inf
 from ..optim_factory import build_optimizer
-from .distributed import DistInfo, wrap_ddp
+from .distributed import DistInfo, ensure_process_group, wrap_ddp
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -129,6 +129,7 @@ class FSDP2Backend(Backend):
     def setup(self, model: torch.nn.Module) -> None:
         from .fsdp import apply_fsdp2
 
+        ensure_process_group(self.info.device)  # fully_shard needs a group, also in one process
         self.raw_model = self.model = apply_fsdp2(model, self.cfg.train.precision)
         # DTensor parameters: the AM optimizer all-reduces its partial sums over the mesh itself.
         self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device, reducer=None)
