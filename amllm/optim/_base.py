@@ -217,13 +217,17 @@ class AMOptimizerBase(Optimizer):
         return 1.0 if is_dtensor(p) else self._plain_weight
 
     def _resolved_impl(self) -> str:
-        """The kernel path of this step: ``auto`` becomes ``fused`` for models of at least
-        ``_FUSED_MIN_NUMEL`` elements, else ``foreach``. (What ``fused`` runs on each
-        device, with its fallbacks, is decided per bucket in ``functional._buckets``.)"""
+        """The kernel path of this step: ``auto`` becomes ``fused`` on an accelerator (the
+        Triton kernels: 3 launches per group, no host read, whatever the size) and, on the
+        CPU, for models of at least ``_FUSED_MIN_NUMEL`` elements (below that, ``foreach``:
+        no build time for tiny models). (What ``fused`` runs on each device, with its
+        fallbacks, is decided per bucket in ``functional._buckets``.)"""
         if self._impl != "auto":
             return self._impl
-        n = sum(local(p).numel() for g in self.param_groups for p in g["params"])
-        return "fused" if n >= self._FUSED_MIN_NUMEL else "foreach"
+        params = [local(p) for g in self.param_groups for p in g["params"]]
+        if any(p.device.type != "cpu" for p in params):
+            return "fused"
+        return "fused" if sum(p.numel() for p in params) >= self._FUSED_MIN_NUMEL else "foreach"
 
     def _take_lr_ratio(self, group: dict) -> float:
         """r for this step; remembers this step's lr for the next one."""
