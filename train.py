@@ -23,7 +23,10 @@ from pathlib import Path
 
 import torch
 
-from amllm import checkpoint as ckpt
+from amllm.cli import require_trainer_dependencies
+
+require_trainer_dependencies()  # an optimizer-only install (pip install amllm) lacks the trainer's packages
+from amllm import checkpoint as ckpt  # noqa: E402
 from amllm import faults
 from amllm.config import ConfigError, load_config, save_config
 from amllm.data import BatchSampler, DataError, load_shards, load_tokenizer, prepare, shard_dir, val_batches
@@ -67,11 +70,15 @@ def main(argv=None) -> int:
     faults.check_output_dir(run_dir)  # nothing is written into run_dir until every input is validated
 
     # ---- data: rank 0 tokenizes (once, cached), everyone memory-maps -----------------------------
-    if is_main:
-        prepare(cfg.data)
-    D.barrier()
-    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.data_dir)
-    train_data, val_data, manifest = load_shards(shard_dir(cfg.data, tokenizer), tokenizer, cfg.data.seq_len)
+    # the others wait on a side group with data.prepare_timeout_s (not NCCL's 30 min), or get rank 0's error
+    D.main_first(lambda: prepare(cfg.data), "tokenizing the data", cfg.data.prepare_timeout_s, error=DataError)
+    failure = None
+    try:
+        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.data_dir)
+        train_data, val_data, manifest = load_shards(shard_dir(cfg.data, tokenizer), tokenizer, cfg.data.seq_len)
+    except DataError as e:
+        failure = e
+    D.raise_if_any_rank(failure, DataError, hint="multi-node: data.data_dir must be on a filesystem every node sees")
     sampler = BatchSampler(train_data, cfg.data.seq_len, cfg.train.batch_size, cfg.train.micro_batch_size,
                            rank=info.rank, world=info.world_size, seed=cfg.train.seed)
     accum = cfg.train.batch_size // info.world_size // cfg.train.micro_batch_size  # micro-steps per step
@@ -108,9 +115,7 @@ def main(argv=None) -> int:
             sampler.step = int(trainer_state["sampler"]["step"])  # another data manifest: position only
         else:
             sampler.load_state_dict(trainer_state["sampler"])
-        torch.set_rng_state(trainer_state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in trainer_state:
-            torch.cuda.set_rng_state(trainer_state["rng_cuda"], device)
+        ckpt.restore_rng(resume_from, info.rank, device, trainer_state)  # this rank's own RNG states
         wandb_id = trainer_state.get("wandb_id") or None
         if is_main:
             print(f"resumed from {resume_from} (step {start_step}, {tokens_seen:,} tokens)")
@@ -139,7 +144,8 @@ def main(argv=None) -> int:
 
     def save(step: int) -> None:
         state = {"step": step, "tokens": tokens_seen, "sampler": sampler.state_dict(),
-                 "rng_cpu": torch.get_rng_state(), "wandb_id": logger.wandb_id or "", "skipped_steps": guard.skipped}
+                 "rng_cpu": torch.get_rng_state(), "wandb_id": logger.wandb_id or "", "skipped_steps": guard.skipped,
+                 "optim_hparams": ckpt.optimizer_hparams(optimizer)}
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
 
@@ -148,6 +154,7 @@ def main(argv=None) -> int:
             faults.check_finite_state(model_state, "parameter", step)  # never a NaN in a checkpoint
             faults.check_finite_state(optim_state, "optimizer state", step)
             backend.write(tmp, model_state or None, optim_state or None)  # every rank: sharded backends
+            ckpt.save_rng(tmp, info.rank, device)  # every rank: RNG streams differ per rank
             if is_main:
                 ckpt.test_pause("after-model.pt", run_dir, step)
                 ckpt.save_torch(state, tmp / "trainer.pt")
@@ -224,6 +231,7 @@ def main(argv=None) -> int:
             logger.close()
             if is_main:
                 print(f"stopped at step {done} ({stop.why or 'another rank was signalled'}); checkpoint saved, run the same command to resume")
+            faults.release_run_dirs()
             return D.finish(PREEMPTED_EXIT)
 
     progress.close()
@@ -231,6 +239,7 @@ def main(argv=None) -> int:
     if is_main:
         (run_dir / "DONE").touch()
         print(f"done: {run_dir}")
+    faults.release_run_dirs()
     return D.finish(0)
 
 
@@ -269,9 +278,16 @@ def find_resume(cfg, run_dir: Path, meta_now: dict) -> Path | None:
     (checkpoint.allow_changes accepts the last two). Auto skips a corrupt latest with a warning."""
     if cfg.checkpoint.resume == "never":
         return None
-    if cfg.checkpoint.resume == "auto":  # rank 0 looks, every rank uses its answer
-        found = D.broadcast_object(ckpt.latest_checkpoint(run_dir, validate=ckpt.verify_files)
-                                   if faults.is_main_rank() else None)
+    if cfg.checkpoint.resume == "auto":  # rank 0 looks, every rank uses its answer (or its error)
+        found = None
+        if faults.is_main_rank():
+            try:
+                found = ckpt.latest_checkpoint(run_dir, validate=ckpt.verify_files, refuse_if_all_damaged=True)
+            except ckpt.CheckpointError as e:
+                found = e
+        found = D.broadcast_object(found)
+        if isinstance(found, ckpt.CheckpointError):
+            raise found
     else:
         found = Path(cfg.checkpoint.resume)
         if not found.is_dir():
@@ -289,16 +305,35 @@ def find_resume(cfg, run_dir: Path, meta_now: dict) -> Path | None:
 
 
 def load_checkpoint(path: Path, backend, optimizer: torch.optim.Optimizer, optim_name: str, allow=()) -> dict:
-    """Model and optimizer through the backend (its own file layout), then the trainer state."""
+    """Model and optimizer through the backend (its own file layout), then the trainer state. Changed
+    optimizer hyper-parameters are refused (or, when allowed, re-applied after the load) on every
+    backend: trainer.pt holds the saved ones, whatever layout the optimizer state has."""
     same_optimizer = ckpt.read_meta(path).get("optimizer", optim_name) == optim_name
+    trainer_state = ckpt.load_torch(path / "trainer.pt")
+    fresh = ckpt.optimizer_hparams(optimizer)
+    diffs = ckpt.check_hparams(fresh, trainer_state.get("optim_hparams", []), allow, path) if same_optimizer else []
 
-    def load_optimizer(state: dict) -> None:
-        if same_optimizer:  # else allowed by checkpoint.allow_changes: a fresh optimizer state
+    def load_optimizer(state) -> None:
+        """`state`: the optimizer state dict, or a zero-argument function that reads it."""
+        if not same_optimizer:  # allowed by checkpoint.allow_changes: a fresh optimizer state
+            return
+        try:
+            state = state() if callable(state) else state
+        except ckpt.CheckpointError as e:
+            if "optimizer" not in allow:
+                raise
+            faults.say(f"[checkpoint] {e}; the optimizer state starts fresh (checkpoint.allow_changes=[optimizer])")
+            return
+        if "optim_hparams" in trainer_state:
+            optimizer.load_state_dict(state)
+        else:  # a checkpoint older than optim_hparams: compare with the optimizer file's own groups
             for note in ckpt.load_optimizer_state(optimizer, state, allow, path / "optimizer.pt"):
                 faults.say(f"[checkpoint] {note}")
 
     backend.read(path, load_optimizer)
-    return ckpt.load_torch(path / "trainer.pt")
+    for note in ckpt.apply_hparams(optimizer, fresh, diffs):
+        faults.say(f"[checkpoint] {note}")
+    return trainer_state
 
 
 class Progress:
@@ -339,6 +374,7 @@ def run_cli(argv=None) -> int:
     try:
         return main(argv)
     except (ConfigError, DataError, ckpt.CheckpointError, faults.NonFiniteError) as e:
+        faults.release_run_dirs()
         print(f"error: {e}", file=sys.stderr)
         return D.finish(SAVE_FAILED_EXIT if isinstance(e, ckpt.CheckpointSaveError) else
                         NONFINITE_EXIT if isinstance(e, faults.NonFiniteError) else 2, sync=False)

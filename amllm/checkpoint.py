@@ -119,9 +119,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir: Path, validate: Callable[[Path], None] | None = None) -> Path | None:
+def latest_checkpoint(run_dir: Path, validate: Callable[[Path], None] | None = None,
+                      refuse_if_all_damaged: bool = False) -> Path | None:
     """The newest usable checkpoint. One that fails `validate` (corrupt meta, unreadable files) is
-    skipped with a warning naming it, and the one before is tried."""
+    skipped with a warning naming it, and the one before is tried. When checkpoints exist but none is
+    usable: None, or with `refuse_if_all_damaged` a CheckpointError naming the damage and the choices
+    (a run must never silently start over on top of its damaged checkpoints)."""
+    damaged, newest = [], None
     for ckpt in reversed(list_checkpoints(run_dir)):
         try:
             read_meta(ckpt)
@@ -130,6 +134,25 @@ def latest_checkpoint(run_dir: Path, validate: Callable[[Path], None] | None = N
             return ckpt
         except (CheckpointError, OSError, RuntimeError, ValueError) as e:
             warnings.warn(f"skipping checkpoint {ckpt}: {e}", stacklevel=2)
+            damaged.append(f"{ckpt.name}: {e}")
+            newest = newest or ckpt
+    if damaged and refuse_if_all_damaged:
+        raise CheckpointError(
+            f"{run_dir}: no intact checkpoint to resume from ({'; '.join(damaged[:3])}); nothing was loaded "
+            f"or deleted. Start over with checkpoint.resume=never, or resume the intact parts of one, e.g. "
+            f"its weights with checkpoint.resume={newest} checkpoint.allow_changes=[optimizer] (the optimizer "
+            f"state starts fresh)")
+    return None
+
+
+def newest_intact(run_dir: Path) -> Path | None:
+    """The newest checkpoint that passes :func:`verify_files` (no warnings), or None."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_files(ckpt)
+            return ckpt
+        except (CheckpointError, OSError, RuntimeError, ValueError):
+            continue
     return None
 
 
@@ -261,10 +284,15 @@ def _commit(run_dir: Path, step: int, tmp: Path, final: Path, meta: dict, keep: 
 
 
 def prune(run_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; remove older ones and stale temporaries."""
+    """Keep the newest `keep` complete checkpoints; remove older ones and stale temporaries. The newest
+    intact checkpoint is never removed, even when damaged ones are newer: it is what a resume needs."""
     ckpts = list_checkpoints(run_dir)
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    old = ckpts[:-keep]
+    if old:
+        safe = newest_intact(run_dir)
+        for ckpt in old:
+            if ckpt != safe:
+                shutil.rmtree(ckpt, ignore_errors=True)
     for stale in Path(run_dir).glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
     for stale in Path(run_dir).glob(".old-step-*"):
@@ -273,6 +301,24 @@ def prune(run_dir: Path, keep: int) -> None:
 
 def save_torch(obj, path: Path) -> None:
     torch.save(obj, path)
+
+
+def save_rng(tmp: Path, rank: int, device: torch.device) -> None:
+    """This rank's RNG states (CPU, and its CUDA device) as ``rng-rank<r>.pt``: every rank writes its own."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    save_torch(state, Path(tmp) / f"rng-rank{rank}.pt")
+
+
+def restore_rng(ckpt: Path, rank: int, device: torch.device, trainer_state: dict) -> None:
+    """Restore what :func:`save_rng` wrote for this rank. A rank the checkpoint had no file for (it was
+    saved on fewer ranks, or before per-rank files existed) takes rank 0's states from trainer.pt."""
+    f = Path(ckpt) / f"rng-rank{rank}.pt"
+    state = load_torch(f) if f.is_file() else {"cpu": trainer_state["rng_cpu"], "cuda": trainer_state.get("rng_cuda")}
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def load_torch(path: Path, map_location="cpu"):
@@ -343,8 +389,21 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, allow: t
     (betas, eps, weight_decay, lam, ...) is refused instead of silently taken from the checkpoint
     (torch's load_state_dict would restore the old values); with allow_changes=[optimizer_hparams]
     the config's values are applied after loading. Returns notes about applied changes."""
-    fresh = [{k: v for k, v in g.items() if k not in _GROUP_KEYS_FREE} for g in optimizer.param_groups]
-    saved = state.get("param_groups", [])
+    fresh = optimizer_hparams(optimizer)
+    diffs = check_hparams(fresh, state.get("param_groups", []), allow, where)
+    optimizer.load_state_dict(state)
+    return apply_hparams(optimizer, fresh, diffs)
+
+
+def optimizer_hparams(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The hyper-parameters of each param group (no params, lr or kernel choices), as plain values:
+    saved in trainer.pt so every backend's resume can compare them, whatever its file layout."""
+    return [{k: _plain(v) for k, v in g.items() if k not in _GROUP_KEYS_FREE} for g in optimizer.param_groups]
+
+
+def check_hparams(fresh: list[dict], saved: list[dict], allow: tuple | list = (), where: Path | str = "checkpoint"):
+    """The (group, key, saved, now) hyper-parameters that differ; CheckpointError unless
+    checkpoint.allow_changes has optimizer_hparams."""
     diffs = []
     for i, (now, old) in enumerate(zip(fresh, saved)):
         for k, v in now.items():
@@ -355,7 +414,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, allow: t
         raise CheckpointError(f"{where}: optimizer hyper-parameters differ from the checkpoint ({what}); set "
                               f"checkpoint.allow_changes=[optimizer_hparams] to apply the new values, or "
                               f"restore them in the config")
-    optimizer.load_state_dict(state)
+    return diffs
+
+
+def apply_hparams(optimizer: torch.optim.Optimizer, fresh: list[dict], diffs) -> list[str]:
+    """After a load restored the checkpoint's values: put this run's (allowed) values back."""
     for i, k, _, _ in diffs:
         optimizer.param_groups[i][k] = optimizer.defaults[k] if k in optimizer.defaults else fresh[i][k]
     return [f"optimizer {k}: {a} -> {b} (allowed)" for _, k, a, b in diffs]

@@ -7,9 +7,20 @@ the package.
 
 from __future__ import annotations
 
+import importlib.util
 import runpy
 import sys
 from pathlib import Path
+
+TRAINER_MODULES = ("transformers", "datasets", "sentencepiece", "yaml", "tqdm", "numpy")
+
+
+def require_trainer_dependencies() -> None:
+    """One line instead of an ImportError traceback when amllm was installed for its optimizers only."""
+    missing = [m for m in TRAINER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"error: the trainer needs {', '.join(missing)} (not installed); pip install -e \".[train]\" "
+                 f"in the checkout, or pip install \"amllm[train]\"")
 
 
 def main() -> None:
@@ -17,5 +28,6 @@ def main() -> None:
     if not script.is_file():
         sys.exit(f"error: {script} not found; amllm-train runs train.py from a source checkout "
                  f"(git clone, then pip install -e .)")
+    require_trainer_dependencies()
     sys.argv[0] = str(script)
     runpy.run_path(str(script), run_name="__main__")

@@ -89,6 +89,9 @@ class DataConfig:
     """Share of documents held out for validation when the source has no validation split."""
     num_proc: int = 2
     """Worker processes for tokenization in prepare_data."""
+    prepare_timeout_s: int = 21600
+    """How long the other ranks wait for rank 0 to tokenize (train.py's first run on new data); they
+    print progress meanwhile. Tokenize ahead with tools/prepare_data.py to not wait at all."""
 
     def __post_init__(self) -> None:
         _one_of("data.source", self.source, ("sotu", "c4_local", "c4_hub"))
@@ -100,6 +103,7 @@ class DataConfig:
             _check(v is None or v > 0, f"data.{key}={v!r} must be a positive token count or null")
         _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction!r} must be in (0, 1)")
         _positive("data.num_proc", self.num_proc)
+        _positive("data.prepare_timeout_s", self.prepare_timeout_s)
 
 
 @dataclass
@@ -124,7 +128,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Global-norm gradient clipping (0 disables)."""
     impl: str = "auto"
-    """Kernel path: auto | foreach | forloop | fused (torch AdamW fused; AM: C++ kernels on CPU, torch.compile on CUDA)."""
+    """Kernel path: auto | foreach | forloop | fused (torch AdamW fused; AM: C++ kernels on CPU, the multi-tensor
+    Triton kernels on CUDA) | triton (AM only: the Triton kernels forced, also on CPU under TRITON_INTERPRET=1)."""
 
     def __post_init__(self) -> None:
         _one_of("optim.name", self.name, ("adamw", "am_adamw", "sgd", "am_sgd"))
@@ -139,12 +144,14 @@ class OptimConfig:
             v = getattr(self, key)
             _check(0.0 <= v <= 1.0, f"optim.{key}={v!r} must be in [0, 1]")
         _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
-        _one_of("optim.impl", self.impl, ("auto", "foreach", "forloop", "fused"))
+        _one_of("optim.impl", self.impl, ("auto", "foreach", "forloop", "fused", "triton"))
         if not self.name.startswith("am_"):
             am_only = {"per_layer": False, "beta_policy": "am"}
             for key, default in am_only.items():
                 _check(getattr(self, key) == default,
                        f"optim.{key} applies to am_adamw/am_sgd only; remove it or set optim.name=am_{self.name}")
+            _check(self.impl != "triton", f"optim.impl=triton applies to am_adamw/am_sgd only (torch's {self.name} "
+                                          f"has fused CUDA kernels: optim.impl=fused)")
 
 
 @dataclass

@@ -6,7 +6,8 @@ every failure, what it costs and which test shows it.
 Test hooks (environment variables; none is read unless set, none changes a normal run):
 
     AMLLM_TEST_NAN_AT_STEP=N      the loss of optimizer step N (1-based, as logged) is multiplied by NaN
-    AMLLM_TEST_NAN_RANK=R         ... on rank R only (default: every rank)
+    AMLLM_TEST_NAN_GRAD_AT_STEP=N the loss of step N stays finite, its gradients are NaN
+    AMLLM_TEST_NAN_RANK=R         ... (either) on rank R only (default: every rank)
     AMLLM_TEST_CRASH_AT_STEP=N    os._exit(1) at the start of step N, once per run directory
     AMLLM_TEST_CRASH_RANK=R       ... on rank R only (default 0); the marker <run_dir>/.crashed-step-N
                                   keeps the restarted attempt from crashing again
@@ -148,11 +149,29 @@ def check_finite_state(state: dict, what: str, step: int) -> None:
     walk(state, "")
 
 
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are NaN (what an overflow in the
+    backward pass looks like)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 def poison_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
-    """Test hook AMLLM_TEST_NAN_AT_STEP / AMLLM_TEST_NAN_RANK: a NaN loss (and so NaN gradients)."""
-    at = os.environ.get("AMLLM_TEST_NAN_AT_STEP")
-    if at and int(at) == step and int(os.environ.get("AMLLM_TEST_NAN_RANK", rank)) == rank:
+    """Test hooks, on rank AMLLM_TEST_NAN_RANK (default: every rank): AMLLM_TEST_NAN_AT_STEP=N makes
+    step N's loss NaN (and so its gradients); AMLLM_TEST_NAN_GRAD_AT_STEP=N keeps the loss finite and
+    makes only the gradients NaN."""
+    if int(os.environ.get("AMLLM_TEST_NAN_RANK", rank)) != rank:
+        return loss
+    if os.environ.get("AMLLM_TEST_NAN_AT_STEP") == str(step):
         return loss * float("nan")
+    if os.environ.get("AMLLM_TEST_NAN_GRAD_AT_STEP") == str(step):
+        return _NaNGrad.apply(loss)
     return loss
 
 
@@ -254,8 +273,9 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def claim_run_dir(cfg: Config, run_dir: Path, is_main: bool, ckpt_bytes: int) -> None:
-    """Rank 0, once every input has been validated: create the run directory, check free space, clean
-    what a killed save left, write config.yaml. The verdict is shared so every rank stops together."""
+    """Rank 0, once every input has been validated: create the run directory, check free space, take
+    the run directory's lock, clean what a killed save left, write config.yaml. The verdict is shared so
+    every rank stops together."""
     from . import checkpoint as ckpt
 
     error = None
@@ -263,6 +283,7 @@ def claim_run_dir(cfg: Config, run_dir: Path, is_main: bool, ckpt_bytes: int) ->
         try:
             check_free_space(run_dir, ckpt_bytes, cfg.checkpoint.keep, len(ckpt.list_checkpoints(run_dir)))
             run_dir.mkdir(parents=True, exist_ok=True)
+            lock_run_dir(run_dir)  # before anything is cleaned or written: one run per run_dir
             for line in ckpt.clean_stale(run_dir):
                 print(f"[checkpoint] {line}")
             note = write_run_config(cfg, run_dir)
@@ -275,3 +296,71 @@ def claim_run_dir(cfg: Config, run_dir: Path, is_main: bool, ckpt_bytes: int) ->
     error = D.broadcast_object(error)
     if error:
         raise ConfigError(error)
+
+
+# ---- one owner per run directory -----------------------------------------------------------------
+
+LOCK = ".lock"
+_held: dict = {}  # run_dir -> the open lock file (the lock lives as long as the descriptor)
+
+
+def _owner(path: Path) -> str:
+    import json
+
+    try:
+        o = json.loads(path.read_text() or "{}")
+        return f"host {o.get('host', '?')} pid {o.get('pid', '?')}, started {o.get('started', '?')}"
+    except (OSError, ValueError):
+        return "an unknown owner"
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Rank 0 holds ``<run_dir>/.lock`` (``flock``) for the whole run, so a second launch on the same
+    run directory (a double submit, a requeue while the old job lingers) stops with one line naming
+    the owner before it writes anything. The kernel drops the lock when the owner dies, however it
+    dies, so a lock file left behind by a dead run is taken over with a warning. On a shared
+    filesystem the lock is the filesystem's (NFSv4, and Lustre/GPFS mounted with flock support);
+    where it has none, only the owner file is written and the check is skipped with a warning. A
+    requeue on another host takes over as soon as the old job's processes are gone."""
+    import fcntl
+    import json
+    import socket
+
+    run_dir = Path(run_dir).absolute()
+    if str(run_dir) in _held:
+        return
+    path = run_dir / LOCK
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(f"run_dir={str(run_dir)!r} is in use by another run ({_owner(path)}); wait for it to "
+                          f"finish, stop it, or choose another run_dir") from None
+    except OSError as e:  # no lock support on this filesystem
+        import warnings
+
+        warnings.warn(f"{path}: the filesystem does not support locks ({e.strerror}); a second run on this "
+                      f"run_dir would not be detected", stacklevel=2)
+    f.seek(0)
+    if f.read().strip():
+        say(f"[run_dir] taking over the lock of a run that is gone ({_owner(path)})")
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    f.flush()
+    _held[str(run_dir)] = f
+
+
+def release_run_dirs() -> None:
+    """End of a run (done, pre-empted or stopped by an error): empty the owner files and release the
+    locks this process holds, so the next start does not report a stale owner."""
+    while _held:
+        _, f = _held.popitem()
+        try:
+            f.seek(0)
+            f.truncate()
+            f.close()
+        except OSError:
+            pass

@@ -60,7 +60,18 @@ def load_llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int | None = No
         if not is_flash_attn_2_available():
             raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package and a CUDA "
                               "GPU (pip install flash-attn); use sdpa (it runs FlashAttention-2 kernels where it can)")
-    hf = LlamaConfig(**raw, attn_implementation="sdpa" if attn.startswith("sdpa_") else attn)
+    try:
+        hf = LlamaConfig(**raw, attn_implementation="sdpa" if attn.startswith("sdpa_") else attn)
+    except Exception as e:  # transformers' own validation (its error classes vary by version), as one line
+        why = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        raise ConfigError(f"{path}: transformers rejects this LlamaConfig ({why[-1]}); fix the model config") from None
+    heads, kv = hf.num_attention_heads, hf.num_key_value_heads
+    if heads <= 0 or hf.hidden_size % heads:
+        raise ConfigError(f"{path}: hidden_size={hf.hidden_size} is not a multiple of num_attention_heads={heads}; "
+                          f"fix the model config")
+    if kv is None or kv <= 0 or heads % kv:
+        raise ConfigError(f"{path}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}; "
+                          f"fix the model config")
     if seq_len is not None and seq_len > hf.max_position_embeddings:
         raise ConfigError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings="
                           f"{hf.max_position_embeddings} ({path.name}); lower data.seq_len")

@@ -16,7 +16,9 @@ from .config import OptimConfig
 
 def _impl_kwargs(cfg: OptimConfig, device: torch.device) -> dict:
     if cfg.impl == "auto":
-        return {}
+        # on CUDA torch's fused AdamW/SGD: they skip a non-finite step on the device (optimizer.found_inf,
+        # the GradScaler protocol), where torch's default foreach path needs a host read to skip
+        return {"fused": True} if device.type == "cuda" and cfg.name in ("adamw", "sgd") else {}
     if cfg.impl == "forloop":
         return {"foreach": False}
     if cfg.impl == "foreach":
@@ -40,9 +42,13 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter], devi
     am = dict(lam=cfg.lam, per_layer=cfg.per_layer, beta_policy=cfg.beta_policy, beta_min=cfg.beta_min,
               restart_threshold=cfg.restart_threshold, restart_low=cfg.restart_low, reducer=reducer)
     if cfg.name == "am_adamw":
-        return AMAdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                       weight_decay=cfg.weight_decay, **am, **kw)
-    return AMSGD(params, lr=cfg.lr, beta_max=cfg.beta1, weight_decay=cfg.weight_decay, **am, **kw)
+        opt = AMAdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                      weight_decay=cfg.weight_decay, **am, **kw)
+    else:
+        opt = AMSGD(params, lr=cfg.lr, beta_max=cfg.beta1, weight_decay=cfg.weight_decay, **am, **kw)
+    if cfg.impl == "triton":  # the accelerator path by name (functional.IMPLS), e.g. on CPU under TRITON_INTERPRET=1
+        opt._impl = "triton"
+    return opt
 
 
 def last_beta(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:

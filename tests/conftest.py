@@ -15,6 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # tests never reach a hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The optimizer's Triton kernels run on CPU tensors under Triton's interpreter. The variable must be
+# set before anything imports triton (deepspeed does): triton's own library functions (tl.sum, ...)
+# are compiled-mode or interpreted depending on its value at import. AMLLM_TEST_DEVICE=cuda runs
+# them compiled on the GPU instead.
+if os.environ.get("AMLLM_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +57,18 @@ def train_overrides(micro_model, data_dir, tmp_path):
         base.update(extra)
         return [f"{k}={v}" for k, v in base.items()]
     return make
+
+
+@pytest.fixture
+def triton_device(monkeypatch):
+    """Where tests of the Triton optimizer kernels run: Triton's interpreter on CPU tensors,
+    or the device named by ``AMLLM_TEST_DEVICE`` (e.g. ``cuda``, from tools/gpu_check.sh)."""
+    import torch
+
+    device = torch.device(os.environ.get("AMLLM_TEST_DEVICE", "cpu"))
+    if device.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return device
 
 
 def python() -> str:

@@ -112,12 +112,25 @@ def run_cases(rank: int, world: int, port: int, cases: list, out_path: str) -> N
     for case in cases:
         name = case["name"]
         n_steps = case.get("steps", 4)
+        orig_bind = dsb.ZeroAMAdapter.bind
         if case.get("poison_padding"):
-            orig_bind = dsb.ZeroAMAdapter.bind
-
             def bind(self, ds_opt, _orig=orig_bind):
                 case["_poisoned"] = poison_zero3_padding(ds_opt)
                 _orig(self, ds_opt)
+
+            dsb.ZeroAMAdapter.bind = bind
+        if case.get("nccl_like_dp"):
+            # the adapter sees a data-parallel group with no CPU backend, as NCCL is, while DeepSpeed's
+            # own collectives keep the gloo group (its engine cannot run on a CUDA-only group on a CPU)
+            cuda_only = torch.distributed.new_group(backend="cuda:gloo")
+
+            def bind(self, ds_opt, _orig=orig_bind):
+                real = ds_opt.real_dp_process_group
+                ds_opt.real_dp_process_group = [cuda_only] * len(real)
+                try:
+                    _orig(self, ds_opt)
+                finally:
+                    ds_opt.real_dp_process_group = real
 
             dsb.ZeroAMAdapter.bind = bind
         try:
@@ -128,12 +141,13 @@ def run_cases(rank: int, world: int, port: int, cases: list, out_path: str) -> N
             results[name] = {"error": f"{type(e).__name__}: {e}"}
             continue
         finally:
-            if case.get("poison_padding"):
-                dsb.ZeroAMAdapter.bind = orig_bind
+            dsb.ZeroAMAdapter.bind = orig_bind
         res = {"engine_optimizer": type(engine.optimizer).__name__}
         ds_opt = engine.optimizer
         res["n_shards"] = len(getattr(engine.basic_optimizer, "_shards", []))
         res["poisoned"] = case.get("_poisoned", 0)
+        am = getattr(engine.basic_optimizer, "am", None)
+        res["reduce_backend"] = torch.distributed.get_backend(am.reducer) if getattr(am, "reducer", None) else None
         if case.get("resume"):
             # train k steps, save, train the rest; then a fresh engine loads and trains the rest
             k = case["resume"]

@@ -101,6 +101,24 @@ def test_json_is_not_modified_in_place():
     assert ds == {"zero_optimization": {"stage": 1}}
 
 
+def test_deepspeed_version_range_is_checked_and_matches_pyproject():
+    import re
+    import warnings
+
+    from amllm.parallel.deepspeed_backend import DEEPSPEED_TESTED, check_deepspeed_version
+
+    low, high = DEEPSPEED_TESTED
+    pins = re.findall(r'"deepspeed([<>=][^"]*)"', (ROOT / "pyproject.toml").read_text())
+    assert pins == [f">={low},<{high}"] * 2, pins  # the deepspeed and test extras
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_deepspeed_version("0.19.8")  # the tested one: silent
+    with pytest.warns(UserWarning, match=r"^deepspeed 0\.20\.1 is untested .*pip install 'deepspeed>=0\.16,<0\.20'"):
+        check_deepspeed_version("0.20.1")
+    with pytest.raises(ConfigError, match=r"deepspeed 0\.15\.4 is older .*pip install"):
+        check_deepspeed_version("0.15.4")
+
+
 @pytest.mark.slow
 @pytest.mark.deepspeed
 def test_deepspeed_cli_launch_reproduces_one_process(tmp_path):

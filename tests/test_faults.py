@@ -422,3 +422,58 @@ def test_torchrun_restarts_after_a_lost_rank(base, tmp_path):
     wa, wb = weights(run, STEPS), weights(ref, STEPS)
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wb)
     assert json.loads((run / f"step-{STEPS}" / "meta.json").read_text())["world_size"] == 2
+
+
+# ---- damaged checkpoints are never a silent fresh start; one owner per run directory ---------------
+
+def test_damaged_only_checkpoint_stops_with_one_line_and_keeps_it(base, tmp_path):
+    run = tmp_path / "run"
+    assert run_quiet(base(run, **{"checkpoint.keep": 1}), {"AMLLM_TEST_STOP_AT_STEP": "4"})[0] == train.PREEMPTED_EXIT
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-4"]
+    opt = run / "step-4" / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        rc, _, err = run_quiet(base(run, **{"checkpoint.keep": 1}))
+    line = one_error_line(err)
+    assert rc == 2 and "no intact checkpoint to resume from" in line and "optimizer.pt" in line
+    assert "checkpoint.resume=never" in line and "checkpoint.allow_changes=[optimizer]" in line
+    assert (run / "step-4").is_dir() and (run / "metrics.jsonl").read_text() == before  # nothing lost
+    # the intact weights resume, with a fresh optimizer state, when asked for explicitly
+    rc, out, _ = run_quiet(base(run, **{"checkpoint.keep": 1, "checkpoint.resume": str(run / "step-4"),
+                                        "checkpoint.allow_changes": "[optimizer]"}))
+    assert rc == 0 and "the optimizer state starts fresh" in out and f"resumed from {run / 'step-4'}" in out
+
+
+def test_pruning_never_removes_the_newest_intact_checkpoint(tmp_path):
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, {}, lambda t: ckpt.save_torch({"w": torch.ones(2)}, t / "model.pt"), True)
+    for step in (2, 3):  # bit rot in the two newest
+        f = tmp_path / f"step-{step}" / "model.pt"
+        f.write_bytes(f.read_bytes()[:10])
+    ckpt.prune(tmp_path, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-1", "step-2", "step-3"]
+    ckpt.save_checkpoint(tmp_path, 4, {}, lambda t: ckpt.save_torch({"w": torch.ones(2)}, t / "model.pt"), True,
+                         keep=2)  # now step-4 is the newest intact one: the usual keep-2 rule applies
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-3", "step-4"]
+
+
+def test_second_launch_on_a_live_run_dir_is_refused_and_a_stale_lock_taken_over(base, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "AMLLM_TEST_SAVE_PAUSE": "begin@4", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "train.py", *base(run)], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(run / ".paused-begin-4", lambda: first.poll() is None)
+        files = sorted(p.name for p in run.iterdir())
+        log = (run / "metrics.jsonl").read_text()
+        second = subprocess.run([sys.executable, "train.py", *base(run)], cwd=ROOT, capture_output=True, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        line = one_error_line(second.stderr)
+        assert second.returncode == 2 and "is in use by another run (host " in line and f"pid {first.pid}" in line
+        assert sorted(p.name for p in run.iterdir()) == files and (run / "metrics.jsonl").read_text() == log
+    finally:
+        first.kill()  # SIGKILL: the lock file stays, its flock goes with the process
+        first.wait()
+    rc, out, _ = run_quiet(base(run))
+    assert rc == 0 and f"taking over the lock of a run that is gone (host" in out and f"pid {first.pid}" in out

@@ -58,3 +58,26 @@ def test_lm_loss_matches_manual_log_softmax():
     logits, y = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
     manual = -torch.log_softmax(logits.double(), -1).gather(-1, y[..., None]).mean()
     assert torch.allclose(lm_loss(logits, y).double(), manual, atol=1e-6)
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"hidden_size": 30}, r"(hidden size \(30\) is not a multiple|hidden_size=30 is not a multiple)"),
+    ({"num_key_value_heads": 3}, r"(num_key_value_heads|key.value)"),
+    ({"num_hidden_layers": "two"}, r"transformers rejects this LlamaConfig|must be"),
+])
+def test_model_json_rejected_by_transformers_is_one_config_error(tmp_path, change, msg):
+    raw = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+           "num_key_value_heads": 4, "num_hidden_layers": 2, "vocab_size": 100, "max_position_embeddings": 64}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**raw, **change}))
+    with pytest.raises(ConfigError, match=msg) as e:
+        load_llama_config(ModelConfig(name=str(path)), vocab_size=100)
+    assert "\n" not in str(e.value) and "fix the model config" in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_is_one_config_error():
+    from amllm.parallel.distributed import pick_device
+
+    with pytest.raises(ConfigError, match=r"train.device=cuda but no CUDA device is visible"):
+        pick_device("cuda", 0)

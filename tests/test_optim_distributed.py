@@ -5,7 +5,8 @@ One spawn runs every scenario (process start-up dominates): parameter subsets
 (ZeroRedundancyOptimizer style) and flat shards with zero padding (DeepSpeed ZeRO
 style), both with a ProcessGroup reducer; FSDP2 ``fully_shard`` DTensor params
 (automatic reducer); DDP-like full replicas with reducer=None. Global and per-layer,
-on the default and the fused (C++ on CPU) kernels.
+on the default, the fused (C++ on CPU) and the Triton kernels (interpreted; flat shards
+with a layer map take the for-loop lines on every impl).
 """
 
 import os
@@ -48,13 +49,21 @@ def _reference(cls, per_layer, kw):
 KW = {AMAdamW: dict(lr=1e-2, weight_decay=0.1), AMSGD: dict(lr=1e-2, weight_decay=0.1)}
 
 
+def _opt(cls, params, impl=None, **kw):
+    """The optimizer, its kernel path forced by name when ``impl`` is given (as the tests do)."""
+    opt = cls(params, **kw)
+    if impl is not None:
+        opt._impl = impl
+    return opt
+
+
 def _param_subsets(rank, cls, per_layer, kw):
     import torch.distributed as dist
 
     init, grads = _problem()
     mine = [i for i in range(len(SHAPES)) if i % 2 == rank]
     params = {i: torch.nn.Parameter(init[i].clone()) for i in mine}
-    opt = cls(list(params.values()), per_layer=per_layer, reducer=dist.group.WORLD, **kw)
+    opt = _opt(cls, list(params.values()), per_layer=per_layer, reducer=dist.group.WORLD, **kw)
     if per_layer:  # global layer numbering, the same on every rank
         opt.set_layer_map({params[i]: i for i in mine}, n_layers=len(SHAPES))
     betas = []
@@ -79,7 +88,7 @@ def _flat_shard(rank, world, cls, per_layer, kw):
         return flat[rank * shard:(rank + 1) * shard].clone()
 
     p = torch.nn.Parameter(my_slice(init))
-    opt = cls([p], per_layer=per_layer, reducer=dist.group.WORLD, **kw)
+    opt = _opt(cls, [p], per_layer=per_layer, reducer=dist.group.WORLD, **kw)
     if per_layer:
         lo, spans, start = rank * shard, [], 0
         for layer, n in enumerate(sizes):
@@ -111,7 +120,7 @@ def _fsdp2(cls, per_layer, kw):
     fully_shard(model[2], mesh=mesh)
     fully_shard(model, mesh=mesh)
     params = list(model.parameters())
-    opt = cls(params, per_layer=per_layer, **kw)  # reducer: automatic (DTensor)
+    opt = _opt(cls, params, per_layer=per_layer, **kw)  # reducer: automatic (DTensor)
     betas = []
     for t in range(STEPS):
         for p, g in zip(params, grads[t]):
@@ -124,7 +133,7 @@ def _fsdp2(cls, per_layer, kw):
 def _ddp_like(cls, per_layer, kw):
     init, grads = _problem()
     params = [torch.nn.Parameter(x.clone()) for x in init]
-    opt = cls(params, per_layer=per_layer, reducer=None, **kw)
+    opt = _opt(cls, params, per_layer=per_layer, reducer=None, **kw)
     betas = []
     for t in range(STEPS):
         for p, g in zip(params, grads[t]):
@@ -143,16 +152,16 @@ def _worker(rank, world, port):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         for cls in (AMAdamW, AMSGD):
             for per_layer in (False, True):
-                # the sharded runs on the default (foreach) and the fused (C++) kernels; the
-                # single-process reference always on the default path
-                for fused in (False, True):
-                    kw = dict(KW[cls], fused=True) if fused else KW[cls]
-                    what = f"{cls.__name__} per_layer={per_layer} fused={fused}"
+                # the sharded runs on the default (foreach), the fused (C++) and the Triton
+                # kernels; the single-process reference always on the default path
+                for impl in (None, "fused", "triton"):
+                    kw = dict(KW[cls], fused=True, impl=impl) if impl else KW[cls]
+                    what = f"{cls.__name__} per_layer={per_layer} impl={impl}"
                     ref_betas, ref_params = _reference(cls, per_layer, KW[cls])
                     assert any(bool(((b > 0) & (b < 0.9)).any()) for b in ref_betas), "β never inside (0, β_max)"
 

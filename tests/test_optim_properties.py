@@ -10,15 +10,21 @@ import torch
 
 from amllm.optim import AMSGD, AMAdamW
 
-# auto (foreach at these sizes), for-loop, fused (on CPU: the C++ kernels), and the
-# torch.compile'd kernels (the CUDA path; AMSGD has none and runs foreach there).
-IMPLS = [None, False, "fused", "compiled"]
+# auto (foreach at these sizes), for-loop, fused (on CPU: the C++ kernels), the
+# torch.compile'd kernels (AMSGD has none and runs foreach there), and the Triton kernels
+# (the CUDA path; here under Triton's interpreter).
+IMPLS = [None, False, "fused", "compiled", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # these tests run on CPU tensors
 
 
 def _make(cls, params, impl, **kw):
-    opt = cls(params, **kw, **({"fused": True} if impl in ("fused", "compiled") else {"foreach": impl}))
-    if impl == "compiled":
-        opt._impl = "compiled"  # test hook: force the Inductor kernels on CPU
+    opt = cls(params, **kw, **({"fused": True} if impl in ("fused", "compiled", "triton") else {"foreach": impl}))
+    if impl in ("compiled", "triton"):
+        opt._impl = impl  # test hook: force the Inductor kernels on CPU / the Triton kernels
     return opt
 
 
@@ -88,7 +94,7 @@ def test_am_sgd_lambda_cancels_without_clipping(impl):
         traj, ratios = [], []
         for t in range(40):
             grp = SGDGroup([x], [h * x + noise[t]], bufs, [0], lr=0.1, lr_ratio=1.0, weight_decay=0.0, lam=lam_)
-            state, sums = am_sgd([grp], state, cfg, impl=impl)
+            state, sums, _ = am_sgd([grp], state, cfg, impl=impl)
             a, b, c = sums[0, :3].tolist()
             if t > 0:
                 ratios.append((a - b) / c)

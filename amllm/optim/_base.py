@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from .beta import POLICIES, BetaConfig, BetaState
 from .functional import lr_ratio
-from .reduce import local, resolve_reducer
+from .reduce import is_dtensor, local, resolve_reducer
 
 # β hyper-parameters are properties of the shared β, hence optimizer-wide.
 _BETA_KEYS = ("beta_policy", "beta_min", "restart_threshold", "restart_low", "per_layer")
@@ -58,7 +58,7 @@ class AMOptimizerBase(Optimizer):
     _FUSED_MIN_NUMEL = 1 << 20
 
     def __init__(self, params, defaults: dict, reducer=None, foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None):
+                 fused: Optional[bool] = None, skip_nonfinite: bool = False):
         validate_beta_options(*(defaults[k] for k in _BETA_KEYS[:4]))
         if foreach not in (None, True, False):
             raise ValueError(f"Invalid foreach: {foreach!r} (must be None, True or False)")
@@ -67,7 +67,7 @@ class AMOptimizerBase(Optimizer):
         if fused and foreach is not None:
             raise ValueError("fused=True and foreach cannot both be given")
         #: "forloop" | "foreach" | "fused" | "auto" (resolved per step); functional.IMPLS
-        #: also has "cpp" and "compiled", which tests and benchmarks set here directly.
+        #: also has "cpp", "compiled" and "triton", which tests and benchmarks set here directly.
         self._impl = ("fused" if fused else "forloop" if foreach is False else "foreach"
                       if foreach or fused is False else "auto")
         self.reducer = reducer
@@ -82,6 +82,15 @@ class AMOptimizerBase(Optimizer):
         self._force_beta: Optional[float] = None
         #: The packed sums of the last step after reduction, ``[L, K+1]`` (for logging).
         self.last_sums: Optional[Tensor] = None
+        #: Skip protocol (as GradScaler's): a 0-d tensor set by the caller before ``step()``;
+        #: nonzero skips the whole step (params, moments, step counts, β state unchanged;
+        #: the reducer is still called once). None: no flag.
+        self.found_inf: Optional[Tensor] = None
+        #: Also skip when the all-reduced sums are not all finite (a NaN/inf gradient on any
+        #: rank), decided identically on every rank without another collective.
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self._last_skipped: Optional[Tensor] = None
+        self._not_skipped: dict = {}  # device -> a constant False (steps that could not skip)
         super().__init__(params, defaults)
 
     # -- param groups ---------------------------------------------------------------
@@ -205,24 +214,55 @@ class AMOptimizerBase(Optimizer):
 
     def _weight(self, p: Tensor) -> float:
         """Multiplier of a tensor's partial sums (plain tensors under a mesh reduction)."""
-        from .reduce import is_dtensor
-
         return 1.0 if is_dtensor(p) else self._plain_weight
 
     def _resolved_impl(self) -> str:
-        """The kernel path of this step: ``auto`` becomes ``fused`` for models of at least
-        ``_FUSED_MIN_NUMEL`` elements, else ``foreach``. (What ``fused`` runs on each
-        device, with its fallbacks, is decided per bucket in ``functional._buckets``.)"""
+        """The kernel path of this step: ``auto`` becomes ``fused`` on an accelerator (the
+        Triton kernels: 3 launches per group, no host read, whatever the size) and, on the
+        CPU, for models of at least ``_FUSED_MIN_NUMEL`` elements (below that, ``foreach``:
+        no build time for tiny models). (What ``fused`` runs on each device, with its
+        fallbacks, is decided per bucket in ``functional._buckets``.)"""
         if self._impl != "auto":
             return self._impl
-        n = sum(local(p).numel() for g in self.param_groups for p in g["params"])
-        return "fused" if n >= self._FUSED_MIN_NUMEL else "foreach"
+        params = [local(p) for g in self.param_groups for p in g["params"]]
+        if any(p.device.type != "cpu" for p in params):
+            return "fused"
+        return "fused" if sum(p.numel() for p in params) >= self._FUSED_MIN_NUMEL else "foreach"
 
     def _take_lr_ratio(self, group: dict) -> float:
         """r for this step; remembers this step's lr for the next one."""
         r = lr_ratio(group.get("prev_lr"), group["lr"])
         group["prev_lr"] = group["lr"]
         return r
+
+    def _record_skip(self, skip: Optional[Tensor], steps: list[Tensor]) -> None:
+        """After a step: count it in every step counter unless skipped (one foreach op, no
+        host read), and set ``last_skipped``."""
+        if steps and skip is None:
+            torch._foreach_add_(steps, 1.0)
+        elif steps:  # a list of one 0-d tensor: the Tensor-scalar overload reads it on the host on CPU
+            keep = skip.logical_not().to(steps[0].device, torch.float32)
+            torch._foreach_add_(steps, [keep] * len(steps))
+        if skip is None:
+            device = self._get_beta_state().pi.device
+            if device not in self._not_skipped:
+                self._not_skipped[device] = torch.zeros((), dtype=torch.bool, device=device)
+            skip = self._not_skipped[device]
+        self._last_skipped = skip
+
+    @property
+    def last_skipped(self) -> Tensor:
+        """0-d bool tensor on device: whether the last step was skipped (False before any).
+        Accumulate it on device (``n_skipped += opt.last_skipped``); reading it is a sync."""
+        if self._last_skipped is None:
+            return torch.zeros((), dtype=torch.bool, device=self._get_beta_state().pi.device)
+        return self._last_skipped
+
+    def _step_device(self, p: Tensor) -> torch.device:
+        """Where ``state["step"]`` lives: the (local) parameter's device, as torch's
+        fused/capturable AdamW. The kernels read it there (Triton: in the kernel; the other
+        paths: one stacked vector per bucket), so a step never reads a counter on the host."""
+        return local(p).device
 
     @property
     def last_beta(self) -> Tensor:
@@ -262,3 +302,8 @@ class AMOptimizerBase(Optimizer):
             am.setdefault(k, getattr(fresh, k))
         ref = fresh.to_dict()
         self._beta_state = BetaState(**{k: am[k].to(device=ref[k].device, dtype=ref[k].dtype) for k in _AM_STATE_KEYS})
+        # torch leaves "step" where the checkpoint had it (e.g. on a GPU after map_location,
+        # with params elsewhere): put every counter where this optimizer keeps it.
+        for p, st in self.state.items():
+            if isinstance(st.get("step"), Tensor):
+                st["step"] = st["step"].to(device=self._step_device(p), dtype=torch.float32)

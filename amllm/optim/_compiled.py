@@ -1,15 +1,18 @@
-"""The ``torch.compile``d two-pass path of AM-AdamW: ``fused=True`` on CUDA (on CPU the C++
-kernels of ``_cpu_ext.py`` run instead, and this path only where they cannot be built;
-``impl="compiled"`` forces it, as the tests do).
+"""The ``torch.compile``d two-pass path of AM-AdamW: ``fused=True`` on CPU where the C++
+kernels of ``_cpu_ext.py`` cannot be built (on CUDA the multi-tensor Triton kernels of
+``_triton.py`` run instead: this path costs two compiled calls per tensor, ~80 µs of host
+time each); ``impl="compiled"`` forces it, as the tests do.
 
 Per tensor, two fused element-wise kernels (Inductor: one C++/OpenMP loop on CPU, one
 Triton kernel on CUDA), nothing but the state written back in place:
 
-* pass 1 reads g, d, v, x; writes the new v; returns the five partial sums
+* pass 1 reads g, d, v, x; computes the new v (not stored: a step may still be skipped
+  after the reduction); returns the five partial sums
   ``[Σ g·q, Σ δ·q, Σ w·δ·δ, Σ g·x, Σ δ·x]`` with q = d/p, δ = d - g, w = 1/(p(1+λp))
   (the same rows as the foreach path: A, B, C, D follow by exact algebra);
 * (one reduction over tensors and ranks, then β on device — shared with the other paths;)
-* pass 2 reads g, d, v, x; writes the new d and x.
+* pass 2 reads g, d, v, x; recomputes the new v; writes v, d and x (skipped steps do not
+  call it: the caller reads the skip flag on the host, this being a fallback path).
 
 p and w are recomputed from v in both passes, never stored: 11 passes over memory per
 element against AdamW's 7, no temporaries. Both passes compute p from v *as stored*
@@ -17,9 +20,10 @@ element against AdamW's 7, no temporaries. Both passes compute p from v *as stor
 the same p.
 
 Compilation: ``dynamic=True`` (one graph per dtype/device for all sizes; Inductor adds a
-second one for small tensors), Python floats for lr/λ/μ/ε/β2/bias correction (dynamo
-treats floats as symbolic, ``specialize_float=False``, so lr schedules never recompile),
-and 0-d device tensors for c1 and β (no host sync, no host-to-device copy). The first
+second one for small tensors), Python floats for lr/λ/μ/ε/β2 (dynamo treats floats as
+symbolic, ``specialize_float=False``, so lr schedules never recompile), and 0-d device
+tensors for c1, β and the bias correction 1/sqrt(c2) (from the step counter on device: no
+host sync, no host-to-device copy). The first
 use on a (device type, dtype) compiles on small dummy tensors; if that fails (no C++
 compiler, no Triton, unsupported backend) a warning is issued once and the caller uses
 the foreach path.
@@ -27,10 +31,10 @@ the foreach path.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
+
+from ._probe import check_once
 
 _FNS: dict = {}
 _STATUS: dict = {}  # (device type, dtype) -> True | error string
@@ -40,17 +44,21 @@ def _ct(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _p(v: Tensor, c1: Tensor, eps: float, inv_sqrt_c2: float) -> Tensor:
+def _p(v: Tensor, c1: Tensor, eps: float, inv_sqrt_c2: Tensor) -> Tensor:
     """p = c1 (sqrt(v/c2) + ε), from v as stored."""
     return c1 * (torch.sqrt(v.to(_ct(v))) * inv_sqrt_c2 + eps)
 
 
+def _v_new(v: Tensor, G: Tensor, beta2: float) -> Tensor:
+    """v ← β2 v + (1-β2) g², rounded to the storage dtype (both passes use it as stored)."""
+    return (v.to(G.dtype) * beta2 + (1 - beta2) * G * G).to(v.dtype)
+
+
 def adamw_pass1(x: Tensor, g: Tensor, d: Tensor, v: Tensor, c1: Tensor, beta2: float, eps: float,
-                lam: float, inv_sqrt_c2: float) -> Tensor:
+                lam: float, inv_sqrt_c2: Tensor) -> Tensor:
     ct = _ct(v)
     X, G, Dm = x.to(ct), g.to(ct), d.to(ct)
-    v.copy_((v.to(ct) * beta2 + (1 - beta2) * G * G).to(v.dtype))  # v ← β2 v + (1-β2) g²
-    p = _p(v, c1, eps, inv_sqrt_c2)
+    p = _p(_v_new(v, G, beta2), c1, eps, inv_sqrt_c2)
     u = 1 + lam * p
     inv = 1 / (p * u)  # w; one division for both w and 1/p = u·w
     delta = Dm - G
@@ -60,16 +68,18 @@ def adamw_pass1(x: Tensor, g: Tensor, d: Tensor, v: Tensor, c1: Tensor, beta2: f
                         (delta * X).sum()])
 
 
-def adamw_pass2(x: Tensor, g: Tensor, d: Tensor, v: Tensor, c1: Tensor, beta: Tensor, eps: float,
-                lam: float, inv_sqrt_c2: float, lr: float, wd: float) -> None:
+def adamw_pass2(x: Tensor, g: Tensor, d: Tensor, v: Tensor, c1: Tensor, beta: Tensor, beta2: float, eps: float,
+                lam: float, inv_sqrt_c2: Tensor, lr: float, wd: float) -> None:
     ct = _ct(v)
     X, G, Dm = x.to(ct), g.to(ct), d.to(ct)
-    p = _p(v, c1, eps, inv_sqrt_c2)
+    v_new = _v_new(v, G, beta2)
+    p = _p(v_new, c1, eps, inv_sqrt_c2)
     u = 1 + lam * p
     inv = 1 / (p * u)
     beta = beta.to(ct)
     d_new = (Dm * (beta + lam * p) + (1 - beta) * G) * (p * inv)  # / (1 + λp)
     x_new = X * (1 - lr * wd) - lr * d_new * (u * inv)  # x (1-ημ) - η d/p
+    v.copy_(v_new)
     d.copy_(d_new.to(d.dtype))
     x.copy_(x_new.to(x.dtype))
 
@@ -94,29 +104,25 @@ def usable() -> str | None:
     return None
 
 
+def _probe(device: torch.device, dtype: torch.dtype) -> None:
+    """Compile both passes on dummy tensors (raises if that fails)."""
+    with torch.no_grad():
+        for n in (64, 8192):  # both of Inductor's size regimes (small / cascade sums)
+            x, g, d, v = (torch.rand(n, device=device, dtype=torch.float32).to(dtype) for _ in range(4))
+            one = torch.ones((), device=device, dtype=_ct(x))
+            adamw_sums = compiled("adamw_pass1")(x, g, d, v, one * 0.5, 0.99, 1e-8, 0.1, one)
+            compiled("adamw_pass2")(x, g, d, v, one * 0.5, one * 0.5, 0.99, 1e-8, 0.1, one, 1e-3, 0.0)
+            if not bool(torch.isfinite(adamw_sums).all()):
+                raise RuntimeError("non-finite sums from the probe")
+
+
 def available(device: torch.device, dtype: torch.dtype, warn: bool = True) -> bool:
     """Compile (once per device type and dtype) on dummy tensors; False if that fails."""
-    key = (device.type, dtype)
-    if key not in _STATUS:
-        reason = usable()
-        if reason is None:
-            try:
-                with torch.no_grad():
-                    for n in (64, 8192):  # both of Inductor's size regimes (small / cascade sums)
-                        x, g, d, v = (torch.rand(n, device=device, dtype=torch.float32).to(dtype) for _ in range(4))
-                        one = torch.ones((), device=device, dtype=_ct(x))
-                        adamw_sums = compiled("adamw_pass1")(x, g, d, v, one * 0.5, 0.99, 1e-8, 0.1, 1.0)
-                        compiled("adamw_pass2")(x, g, d, v, one * 0.5, one * 0.5, 1e-8, 0.1, 1.0, 1e-3, 0.0)
-                        if not bool(torch.isfinite(adamw_sums).all()):
-                            raise RuntimeError("non-finite sums from the probe")
-                reason = None
-            except Exception as e:  # compiler missing, backend unsupported, ...
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        _STATUS[key] = True if reason is None else reason
-        if reason is not None and warn:
-            warnings.warn(f"amllm.optim: the compiled (fused) AM path is unavailable on {device.type}/{dtype} "
-                          f"({reason}); using the foreach path", RuntimeWarning, stacklevel=3)
-    return _STATUS[key] is True
+    def check():
+        return usable() or _probe(device, dtype)
+
+    return check_once(_STATUS, (device.type, dtype), "the compiled (fused) AM path is", f"{device.type}/{dtype}",
+                      check, warn)
 
 
 def flat(t: Tensor) -> Tensor:

@@ -4,7 +4,7 @@
 one C++ call per pass for every tensor of a (dtype) bucket, parallel over chunks on
 torch's intra-op threads, sums kept in registers. On the LLaMA-20M shapes they bring
 AM-AdamW's step under 2x torch's fused AdamW on a 2-core CPU, where the torch.compile'd
-kernels (``_compiled.py``, still the path on CUDA) took 3x: Inductor's CPU reductions
+kernels (``_compiled.py``) took 3x: Inductor's CPU reductions
 spill a cascade-summation stack to memory, and each per-tensor compiled call costs
 ~50 us of Python (see docs/optimizer.md for the measurements).
 
@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 _SRC = Path(__file__).resolve().parent / "csrc" / "am_cpu.cpp"
-_VERSION = 1  # bump when the binding changes incompatibly (the name keys the build cache)
+_VERSION = 2  # bump when the source changes (the name keys the build cache). 2: v written in pass 2, skip flag
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 _ext = None

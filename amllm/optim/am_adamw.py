@@ -16,7 +16,7 @@ class AMAdamW(AMOptimizerBase):
 
     From "Adaptive Memory Momentum via a Model-Based Framework for Deep Learning
     Optimization", Topollai & Choromanska, arXiv 2510.04988 (Section 3.3, Appendix D).
-    The contract is ``/shared/spec/am-optimizers.md``. Per step, with this step's
+    The contract is ``docs/optimizer.md``. Per step, with this step's
     gradient g, moments d (zero-initialised) and v, lr η_t, weight decay μ::
 
         v   ← β2 v + (1 - β2) g²
@@ -63,16 +63,23 @@ class AMAdamW(AMOptimizerBase):
             per-tensor path.
         fused: True: two fused passes over memory, no temporaries: on CPU the C++
             kernels (``csrc/am_cpu.cpp``, one call per pass for all tensors; built once
-            per machine, ~25 s, cached in ``$TORCH_EXTENSIONS_DIR``), elsewhere the
-            ``torch.compile``d kernels (compiled once per process, device type and dtype);
+            per machine, ~25 s, cached in ``$TORCH_EXTENSIONS_DIR``; where that fails the
+            per-tensor ``torch.compile``d kernels), on CUDA the multi-tensor Triton kernels
+            (``_triton.py``: three launches per param group and step, no host sync);
             whatever cannot be built falls back to foreach with one warning.
             With neither given ("auto"): fused for models of ≥ 2^20 elements
             (``_FUSED_MIN_NUMEL``), foreach below.
+        skip_nonfinite: skip a step whose all-reduced sums are not all finite (a NaN/inf
+            gradient on any rank), on every rank alike. See also ``found_inf``.
 
     Attributes: ``last_beta`` (0-d or ``[n_layers]`` tensor on device),
-    ``fallback_count`` (0-d int64 tensor), ``last_sums`` ([L, 5] = A, B, C, D, count).
+    ``fallback_count`` (0-d int64 tensor), ``last_sums`` ([L, 5] = A, B, C, D, count),
+    ``found_inf`` (set by the caller before ``step()``: a 0-d tensor, nonzero skips the whole
+    step, as GradScaler's; the reducer is still called), ``skip_nonfinite``,
+    ``last_skipped`` (0-d bool tensor on device). A skipped step changes nothing but the
+    group's stored previous lr (see docs/optimizer.md).
 
-    State: per param ``step`` (0-d float32 CPU tensor), ``exp_avg`` (d) and
+    State: per param ``step`` (0-d float32 tensor on the parameter's device), ``exp_avg`` (d) and
     ``exp_avg_sq`` (v) in the parameter dtype (same bytes as AdamW); per β ``pi``,
     ``last_beta``, ``beta_step`` and the ``fallback_count`` in ``state_dict()["am_state"]``;
     the previous lr per group in ``param_groups[i]["prev_lr"]``.
@@ -96,12 +103,14 @@ class AMAdamW(AMOptimizerBase):
         reducer=None,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        skip_nonfinite: bool = False,
     ):
         self._validate_group(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lam=lam))
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lam=lam,
                         per_layer=per_layer, beta_policy=beta_policy, beta_min=beta_min,
                         restart_threshold=restart_threshold, restart_low=restart_low)
-        super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused)
+        super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused,
+                         skip_nonfinite=skip_nonfinite)
 
     def _beta_max(self, group: dict) -> float:
         return group["betas"][0]
@@ -123,7 +132,7 @@ class AMAdamW(AMOptimizerBase):
                 loss = closure()
         layers, _ = self._layers()
         reduce = self._reducer()
-        groups = []
+        groups, steps = [], []
         for group in self.param_groups:
             g = AdamWGroup([], [], [], [], [], [], lr=group["lr"], lr_ratio=self._take_lr_ratio(group),
                            weight_decay=group["weight_decay"], eps=group["eps"], beta2=group["betas"][1],
@@ -135,19 +144,20 @@ class AMAdamW(AMOptimizerBase):
                     raise RuntimeError("AMAdamW does not support sparse gradients")
                 state = self.state[p]
                 if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=self._step_device(p))
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
                 g.params.append(local(p))
                 g.grads.append(local(p.grad))
                 g.exp_avgs.append(local(state["exp_avg"]))
                 g.exp_avg_sqs.append(local(state["exp_avg_sq"]))
-                g.steps.append(int(state["step"].item()))  # CPU tensor: no device sync
+                g.steps.append(state["step"])  # before this step: the kernels use step + 1
                 g.layers.append(layers[p])
                 g.weights.append(self._weight(p))
+            steps += g.steps
             groups.append(g)
-        self._beta_state, self.last_sums = am_adamw(
+        self._beta_state, self.last_sums, skip = am_adamw(
             groups, self._get_beta_state(), self._beta_config(), reduce=reduce, impl=self._resolved_impl(),
-            force_beta=self._force_beta)
+            force_beta=self._force_beta, found_inf=self.found_inf, skip_nonfinite=self.skip_nonfinite)
+        self._record_skip(skip, steps)
         return loss

@@ -16,7 +16,7 @@ class AMSGD(AMOptimizerBase):
 
     From "Adaptive Memory Momentum via a Model-Based Framework for Deep Learning
     Optimization", Topollai & Choromanska, arXiv 2510.04988. Contract:
-    ``/shared/spec/am-optimizers.md``. With g ← g + μ x (coupled weight decay, as
+    ``docs/optimizer.md``. With g ← g + μ x (coupled weight decay, as
     ``torch.optim.SGD``)::
 
         first step of a tensor (no buffer):  d ← g;  x ← x - η_t d
@@ -33,10 +33,11 @@ class AMSGD(AMOptimizerBase):
     d is a convex combination of d and g (dampened), unlike ``torch.optim.SGD``'s
     d ← β d + g. Without the clip λ cancels exactly (β(λ) = β(0)(1+λ) - λ); λ acts
     only through the clip, as a floor λ/(1+λ) of memory. Groups, layers, reducer,
-    policies, attributes and checkpoints: as :class:`AMAdamW`. ``foreach``: as AMAdamW;
-    ``fused=True``: the C++ kernels on CPU (as AMAdamW), the foreach path elsewhere (no
-    compiled AM-SGD kernels: its step is three dot products and two axpys). Per-param state:
-    ``momentum_buffer``. ``last_sums`` is [L, 4] = A, B, C, count.
+    policies, attributes (``found_inf``, ``skip_nonfinite``, ``last_skipped`` included) and
+    checkpoints: as :class:`AMAdamW`. ``foreach``: as AMAdamW; ``fused=True``: the C++
+    kernels on CPU (as AMAdamW; foreach where they cannot be built: there are no compiled
+    AM-SGD kernels), the multi-tensor Triton kernels on CUDA. Per-param state:
+    ``momentum_buffer`` (not created by a skipped step). ``last_sums`` is [L, 4] = A, B, C, count.
     """
 
     _name = "AMSGD"
@@ -56,12 +57,14 @@ class AMSGD(AMOptimizerBase):
         reducer=None,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        skip_nonfinite: bool = False,
     ):
         self._validate_group(dict(lr=lr, beta_max=beta_max, lam=lam, weight_decay=weight_decay))
         defaults = dict(lr=lr, beta_max=beta_max, lam=lam, weight_decay=weight_decay, per_layer=per_layer,
                         beta_policy=beta_policy, beta_min=beta_min, restart_threshold=restart_threshold,
                         restart_low=restart_low)
-        super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused)
+        super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused,
+                         skip_nonfinite=skip_nonfinite)
 
     def _beta_max(self, group: dict) -> float:
         return group["beta_max"]
@@ -97,12 +100,13 @@ class AMSGD(AMOptimizerBase):
                 owner.append(p)
             groups.append(g)
             owners.append(owner)
-        self._beta_state, self.last_sums = am_sgd(
+        self._beta_state, self.last_sums, skip = am_sgd(
             groups, self._get_beta_state(), self._beta_config(), reduce=reduce, impl=self._resolved_impl(),
-            force_beta=self._force_beta)
-        for g, owner in zip(groups, owners):  # buffers created on a tensor's first step
+            force_beta=self._force_beta, found_inf=self.found_inf, skip_nonfinite=self.skip_nonfinite)
+        self._record_skip(skip, [])  # AM-SGD keeps no step counter
+        for g, owner in zip(groups, owners):  # buffers created on a tensor's first step (not if skipped)
             for p, buf in zip(owner, g.momentum_buffers):
-                if "momentum_buffer" not in self.state[p]:
+                if buf is not None and "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = _like_param(p, buf)
         return loss
 

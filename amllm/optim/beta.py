@@ -114,6 +114,10 @@ class BetaState:
             fallback_count=self.fallback_count,
         )
 
+    def unless(self, skip: Tensor, old: "BetaState") -> "BetaState":
+        """This state, or ``old`` where the 0-d ``skip`` is true (a skipped step), on device."""
+        return BetaState(**{k: torch.where(skip, getattr(old, k), v) for k, v in self.to_dict().items()})
+
     def to_dict(self) -> dict[str, Tensor]:
         return {k: getattr(self, k) for k in ("pi", "last_beta", "beta_step", "fallback_count")}
 

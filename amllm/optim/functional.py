@@ -1,33 +1,40 @@
 """Pure update math of AM-AdamW and AM-SGD (no ``torch.optim.Optimizer`` bookkeeping).
 
-The rules are in ``/shared/spec/am-optimizers.md`` (and the optimizer docstrings).
+The rules are in ``docs/optimizer.md`` (and the optimizer docstrings).
 One step has three phases, the same for both optimizers:
 
-1. *stats*: per tensor, update what needs this step's gradient first (AM-AdamW's v),
-   then the partial sums of the spec (A, B, C, D / A, B, C) plus an element count,
-   routed to the tensor's layer -> a ``[L, K + 1]`` matrix ``packed``.
+1. *stats*: per tensor, the partial sums of the spec (A, B, C, D / A, B, C) plus an element
+   count, routed to the tensor's layer -> a ``[L, K + 1]`` matrix ``packed``. AM-AdamW's new
+   v is computed here but written in phase 3 only, so that a step can still be skipped.
 2. *β*: ``packed`` goes through the reducer (ONE collective: sums over ranks that hold
-   shards of the same layers), then ``beta.finish_beta`` derives β on device.
-3. *apply*: the moment and parameter updates with the per-layer β.
+   shards of the same layers), then ``beta.finish_beta`` derives β on device, and the skip
+   flag is formed (``found_inf`` / non-finite sums, see ``_skip_flag``).
+3. *apply*: the moment and parameter updates with the per-layer β (none on a skipped step).
 
-Two implementations of phases 1 and 3 (``impl``):
+Implementations of phases 1 and 3 (``impl``):
 
 * ``"forloop"``: one tensor at a time, written line by line from the spec. Readable;
   also the only one that handles tensors whose elements belong to several layers
   (flat-shard hook: ``layer`` given as an int64 element→layer map).
 * ``"foreach"``: ``torch._foreach_*`` multi-tensor ops per (device, dtype) bucket, with
   algebraic rewrites that save passes over memory (documented inline).
-
 * ``"fused"``: hand-fused kernels, two passes over memory per step, no temporaries:
   on CPU the C++ kernels of ``csrc/am_cpu.cpp`` (``_cpu_ext.py``: one call per pass for a
-  whole bucket, both optimizers); elsewhere (CUDA) AM-AdamW's ``torch.compile``d
-  kernels (``_compiled.py``, one pair of calls per tensor) and AM-SGD's foreach path.
-  ``"cpp"`` and ``"compiled"`` force one of the two where it can run (tests, benchmarks).
+  whole bucket, both optimizers), then AM-AdamW's ``torch.compile``d per-tensor kernels
+  (``_compiled.py``) where those cannot be built; on CUDA (any non-CPU device) the
+  multi-tensor Triton kernels of ``_triton.py`` (three launches per bucket and step, both
+  optimizers). ``"cpp"``, ``"compiled"`` and ``"triton"`` force one of them where it can
+  run (tests, benchmarks; ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1``).
   Whatever cannot be built falls back to ``"foreach"`` (warning once); non-contiguous
   tensors (and, for ``"compiled"``, tensors of fewer than 2 elements) take the for-loop
-  lines.
+  lines; tensors whose grad or state dtype differs from the parameter's take foreach.
 
 All are tested against an independent float64 oracle (``tests/reference_am.py``).
+
+Skipping a step (``found_inf``, ``skip_nonfinite``): the Triton and C++ kernels read the
+flag themselves (no host read); the foreach, for-loop and compiled paths read it on the
+host once per group (they are fallbacks). Either way nothing but the stored previous lr
+changes (see ``docs/optimizer.md``).
 
 Numerics: statistics (sums, β, π) are computed in float32, or float64 for float64
 parameters, whatever the parameter dtype. For bf16/fp16 parameters the math of a tensor
@@ -44,14 +51,14 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _compiled, _cpu_ext
+from . import _compiled, _cpu_ext, _tables, _triton
 from .beta import BetaConfig, BetaState, at_layer, elementwise_layer_sums, finish_beta
 
 Reducer = Optional[Callable[[Tensor], Tensor]]
 Layer = Union[int, Tensor]  # a layer index, or an int64 element→layer map (flat shards)
 
-IMPLS = ("forloop", "foreach", "fused", "cpp", "compiled")
-_FUSED = ("fused", "cpp", "compiled")
+IMPLS = ("forloop", "foreach", "fused", "cpp", "compiled", "triton")
+_FUSED = ("fused", "cpp", "compiled", "triton")
 
 
 @dataclass
@@ -59,7 +66,9 @@ class AdamWGroup:
     """The tensors of one param group that have a gradient this step (local shards).
 
     Lists are aligned, one entry per parameter tensor. ``steps`` are the per-tensor step
-    counts t *after* this step's increment. ``layers``: see ``Layer``. ``weights``: a
+    counters (0-d float32 tensors on the parameter's device) *before* this step: the
+    kernels use t = step + 1, and the caller increments them once the step is known not
+    to be skipped. ``layers``: see ``Layer``. ``weights``: a
     multiplier per tensor on its partial sums (1.0, or 1/R for a tensor replicated on the
     R ranks of the reduce group, so that it counts once).
     """
@@ -68,7 +77,7 @@ class AdamWGroup:
     grads: list[Tensor]
     exp_avgs: list[Tensor]
     exp_avg_sqs: list[Tensor]
-    steps: list[int]
+    steps: list[Tensor]
     layers: list[Layer]
     lr: float
     lr_ratio: float
@@ -134,20 +143,23 @@ def _layer_sums(terms: list[Tensor], layer: Layer, n_layers: int, weight: float)
 def _rows_to_layers(rows: Tensor, grp, idx: list[int], n_layers: int) -> Tensor:
     """Per-tensor sums ``[n, K]`` -> ``[L, K+1]`` (weights applied, element counts last).
 
-    Weights, layers and counts are host values used as kernel scalars or indices: no
-    host-to-device copy (a blocking copy would synchronise a CUDA stream every step).
+    One matmul with a cached ``[L, n]`` layer/weight matrix (``_tables.layer_matrix``):
+    no per-tensor loop, deterministic, and no host-to-device copy in steady state.
     """
-    out = rows.new_zeros(n_layers, rows.shape[1] + 1)
-    layers = [grp.layers[i] for i in idx]
-    weights = [grp.weights[i] for i in idx]
-    if len(set(layers)) == 1 and all(w == 1.0 for w in weights):  # global β: one reduction
-        out[layers[0], :-1] = rows.sum(0)
-        out[layers[0], -1] = float(sum(grp.params[i].numel() for i in idx))
-        return out
-    for k, i in enumerate(idx):
-        out[layers[k], :-1] += rows[k] * weights[k]
-        out[layers[k], -1] += float(grp.params[i].numel())
-    return out
+    m, counts = _tables.layer_matrix([grp.layers[i] for i in idx], [grp.weights[i] for i in idx],
+                                     [grp.params[i].numel() for i in idx], n_layers, rows.device, rows.dtype)
+    return torch.cat([m @ rows, counts], 1)
+
+
+def _isc2(grp: "AdamWGroup", idx: list[int]) -> Tensor:
+    """1/sqrt(1 - β2^t) per tensor, t = step + 1, as a float64 vector on the counters' device
+    (computed there: no host read of the counters)."""
+    t = torch.stack([grp.steps[i] for i in idx]).double() + 1
+    return (1 - torch.pow(grp.beta2, t)).rsqrt()
+
+
+def _same_dtypes(i: int, tensors, others) -> bool:
+    return all(x[i] is None or x[i].dtype == tensors[i].dtype for x in others)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -159,18 +171,28 @@ def _buckets(n: int, tensors: list[Tensor], layers: list[Layer], impl: str = "fo
     """Indices grouped by ``(impl, device, dtype)``, each bucket's impl resolved:
 
     element→layer maps always take ``"forloop"``. The fused impls need contiguous
-    tensors (``tensors`` and every list in ``others``), else ``"forloop"``; then
-    ``"fused"``/``"cpp"`` take the C++ kernels on CPU where they build, then (when the
-    optimizer has them, ``compiled``) the torch.compile'd kernels for tensors of ≥ 2
-    elements (smaller ones: ``"forloop"``), else ``"foreach"``.
+    tensors (``tensors`` and every list in ``others``), else ``"forloop"``, and one dtype
+    for a tensor and its grad/state, else ``"foreach"``. Then ``"fused"`` takes, on CPU, the
+    C++ kernels where they build, then (when the optimizer has them, ``compiled``) the
+    torch.compile'd kernels, and on any other device (CUDA) the Triton kernels; ``"cpp"``,
+    ``"compiled"``, ``"triton"`` force theirs. Whatever is unavailable: ``"foreach"``. The
+    compiled kernels skip tensors of < 2 elements (``"forloop"``).
     """
     out: dict = {}
+    triton_ok: dict = {}  # (device, dtype) -> bool, asked once per step, not per tensor
     for i in range(n):
         t = tensors[i]
         if impl == "forloop" or isinstance(layers[i], Tensor):
             key = ("forloop", None, None)
         elif impl in _FUSED and not all(x[i].is_contiguous() for x in (tensors, *others)):
             key = ("forloop", None, None)
+        elif impl in _FUSED and not _same_dtypes(i, tensors, others):
+            key = ("foreach", t.device, t.dtype)
+        elif impl == "triton" or (impl == "fused" and t.device.type != "cpu"):
+            ok = triton_ok.get((t.device, t.dtype))
+            if ok is None:
+                ok = triton_ok[t.device, t.dtype] = _triton.available(t.device, t.dtype)
+            key = ("triton" if ok else "foreach", t.device, t.dtype)
         elif impl in ("fused", "cpp") and _cpu_ext.available(t.device, t.dtype):
             key = ("cpp", t.device, t.dtype)
         elif impl in _FUSED and compiled and t.numel() < 2:
@@ -183,29 +205,52 @@ def _buckets(n: int, tensors: list[Tensor], layers: list[Layer], impl: str = "fo
     return out
 
 
+def _skip_flag(found_inf: Optional[Tensor], skip_nonfinite: bool, packed: Tensor) -> Optional[Tensor]:
+    """0-d bool on ``packed``'s device: skip this step; None when no skip is possible.
+
+    ``found_inf`` nonzero (the GradScaler protocol), or, with ``skip_nonfinite``, any
+    non-finite entry of the all-reduced sums: a NaN/inf gradient anywhere on any rank makes
+    them non-finite, so every rank decides the same without another collective.
+    """
+    skip = None
+    if found_inf is not None:
+        # onto the host (optimizer offload: CPU statistics) the copy must block: a non-blocking
+        # device-to-host copy may be read before it lands; host-to-device can be asynchronous
+        skip = (found_inf.to(packed.device, non_blocking=packed.device.type != "cpu") != 0).any()
+    if skip_nonfinite:
+        bad = torch.isfinite(packed).all().logical_not()
+        skip = bad if skip is None else skip | bad
+    return skip
+
+
+def _host_skip(skip: Optional[Tensor]) -> bool:
+    """The fallback paths (foreach, for-loop, compiled) read the flag on the host."""
+    return skip is not None and bool(skip)
+
+
 # ----------------------------------------------------------------------------- AM-AdamW
 
 
-def _adamw_stats_one(x, g, d, v, *, t, c1, beta2, eps, lam, wd, coef_a, layer, n_layers, weight):
-    """Spec lines for one tensor: v update, then the terms of A, B, C, D. Returns (sums, p)."""
-    X, G, Dm, V = _up(x), _up(g), _up(d), _up(v)
-    V.mul_(beta2).addcmul_(G, G, value=1 - beta2)  # v ← β2 v + (1-β2) g²
-    _writeback(v, V)
-    c2 = 1 - beta2**t
-    p = c1 * (torch.sqrt(V / c2) + eps)  # diagonal of P_t
+def _adamw_stats_one(x, g, d, v, *, isc2, c1, beta2, eps, lam, wd, coef_a, layer, n_layers, weight):
+    """Spec lines for one tensor: the new v (kept for the apply phase), then the terms of
+    A, B, C, D. Returns (sums, p, v_new)."""
+    X, G, Dm = _up(x), _up(g), _up(d)
+    V = _up(v) * beta2 + (1 - beta2) * G * G  # v ← β2 v + (1-β2) g² (written when applied)
+    p = c1 * (torch.sqrt(V) * isc2 + eps)  # diagonal of P_t: c1 (sqrt(v / c2) + ε)
     w = 1 / (p * (1 + lam * p))  # diagonal of P̃_t⁻¹
     delta = Dm - G
     a = coef_a * G * (Dm / p + wd * X)  # A = r(1+μη) Σ g·(d/p + μx)
     b = w * delta * (G + lam * p * Dm)  # B = Σ w δ (g + λ p d)
     c = w * delta * delta  # C = Σ w δ²
     dd = wd * delta * X  # D = μ Σ δ x
-    return _layer_sums([a, b, c, dd], layer, n_layers, weight), p
+    return _layer_sums([a, b, c, dd], layer, n_layers, weight), p, V
 
 
-def _adamw_apply_one(x, g, d, p, beta, *, lr, wd, lam):
+def _adamw_apply_one(x, g, d, v, p, v_new, beta, *, lr, wd, lam):
     X, G, Dm = _up(x), _up(g), _up(d)
     d_new = (Dm * (beta + lam * p) + (1 - beta) * G) / (1 + lam * p)
     x_new = X * (1 - lr * wd) - lr * d_new / p
+    v.copy_(v_new)
     d.copy_(d_new)
     x.copy_(x_new)
 
@@ -216,20 +261,18 @@ def _adamw_stats_foreach(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: 
     Rewrites vs the spec lines (exact algebra, fewer passes):
       q = d/p;  B = Σ w δ (g + λ p d) = Σ δ q - C  (substitute g = d - δ and w(1+λp) = 1/p)
       w δ is kept (as ``wd_``) for the update: d_new = d - (1-β) (w δ) p.
+    The new v is a new list (written back by the apply phase).
     """
     X = [_up(grp.params[i]) for i in idx]
     G = [_up(grp.grads[i]) for i in idx]
     Dm = [_up(grp.exp_avgs[i]) for i in idx]
-    V = [_up(grp.exp_avg_sqs[i]) for i in idx]
     b2, lam, mu = grp.beta2, grp.lam, grp.weight_decay
-    torch._foreach_mul_(V, b2)
+    V = torch._foreach_mul([_up(grp.exp_avg_sqs[i]) for i in idx], b2)
     torch._foreach_addcmul_(V, G, G, value=1 - b2)
-    for i, Vi in zip(idx, V):
-        _writeback(grp.exp_avg_sqs[i], Vi)
     c1s = [c1[grp.layers[i]] for i in idx]  # 0-d views, no host sync
-    # p = c1·sqrt(v)/sqrt(c2) + c1·ε, with c2 = 1 - β2^t per tensor (host floats)
+    # p = c1·sqrt(v)/sqrt(c2) + c1·ε, with 1/sqrt(c2) per tensor from its step counter (on device)
     P = torch._foreach_sqrt(V)
-    torch._foreach_mul_(P, torch._foreach_mul(c1s, [1 / math.sqrt(1 - b2 ** grp.steps[i]) for i in idx]))
+    torch._foreach_mul_(P, torch._foreach_mul(c1s, list(_isc2(grp, idx).to(c1.dtype).unbind())))
     torch._foreach_add_(P, torch._foreach_mul(c1s, grp.eps))
     Q = torch._foreach_div(Dm, P)
     Delta = torch._foreach_sub(Dm, G)
@@ -247,11 +290,12 @@ def _adamw_stats_foreach(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: 
         raw.append(torch.stack(row))
     del Q, Delta
     raw = torch.stack(raw)  # [n, 3 or 5]: Σgq, Σδq, C, (Σgx, Σδx)
-    return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, n_layers), (X, Dm, P, WDelta)
+    return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, n_layers), (X, Dm, P, WDelta, V)
 
 
 def _adamw_rows(raw: Tensor, grp: AdamWGroup) -> Tensor:
-    """``[n, 3 or 5]`` raw sums (Σgq, Σδq, C, (Σgx, Σδx)) -> ``[n, 4]`` = A, B, C, D."""
+    """``[n, 3 or 5]`` raw sums (Σgq, Σδq, C, (Σgx, Σδx)) -> ``[n, 4]`` = A, B, C, D.
+    (Linear in ``raw``: applied to per-tensor or to per-layer sums alike.)"""
     mu = grp.weight_decay
     coef_a = grp.lr_ratio * (1 + mu * grp.lr)
     a = coef_a * (raw[:, 0] + mu * raw[:, 3]) if mu != 0 else coef_a * raw[:, 0]
@@ -259,28 +303,25 @@ def _adamw_rows(raw: Tensor, grp: AdamWGroup) -> Tensor:
     return torch.stack([a, raw[:, 1] - raw[:, 2], raw[:, 2], d_], 1)
 
 
-def _inv_sqrt_c2(beta2: float, t: int) -> float:
-    return 1 / math.sqrt(1 - beta2**t)
-
-
 def _adamw_stats_compiled(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: int):
-    """Pass 1 of the compiled path: v in place, five partial sums per tensor."""
+    """Pass 1 of the compiled path: five partial sums per tensor (v is written in pass 2)."""
     f = _compiled.compiled("adamw_pass1")
     F = _compiled.flat
+    isc2 = _isc2(grp, idx).to(c1.dtype)
     raw = torch.stack([
         f(F(grp.params[i]), F(grp.grads[i]), F(grp.exp_avgs[i]), F(grp.exp_avg_sqs[i]), c1[grp.layers[i]],
-          grp.beta2, grp.eps, grp.lam, _inv_sqrt_c2(grp.beta2, grp.steps[i]))
-        for i in idx])
-    return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, n_layers), c1
+          grp.beta2, grp.eps, grp.lam, isc2[k])
+        for k, i in enumerate(idx)])
+    return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, n_layers), isc2
 
 
-def _adamw_apply_compiled(grp: AdamWGroup, idx: list[int], c1: Tensor, beta: Tensor):
-    """Pass 2 of the compiled path: d and x in place (p recomputed from v)."""
+def _adamw_apply_compiled(grp: AdamWGroup, idx: list[int], isc2: Tensor, c1: Tensor, beta: Tensor):
+    """Pass 2 of the compiled path: v, d and x in place (v and p recomputed)."""
     f = _compiled.compiled("adamw_pass2")
     F = _compiled.flat
-    for i in idx:
+    for k, i in enumerate(idx):
         f(F(grp.params[i]), F(grp.grads[i]), F(grp.exp_avgs[i]), F(grp.exp_avg_sqs[i]), c1[grp.layers[i]],
-          beta[grp.layers[i]], grp.eps, grp.lam, _inv_sqrt_c2(grp.beta2, grp.steps[i]), grp.lr, grp.weight_decay)
+          beta[grp.layers[i]], grp.beta2, grp.eps, grp.lam, isc2[k], grp.lr, grp.weight_decay)
 
 
 def _host_scalars(vec: Tensor, layers: list[Layer], idx: list[int]) -> list[float]:
@@ -290,12 +331,12 @@ def _host_scalars(vec: Tensor, layers: list[Layer], idx: list[int]) -> list[floa
 
 
 def _adamw_stats_cpp(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: int):
-    """Pass 1 of the C++ kernels: v in place, the sums of all tensors in one call
-    (Σgx, Σδx only with weight decay: x is then not read at all). The bucket's tensor
+    """Pass 1 of the C++ kernels: the sums of all tensors in one call (Σgx, Σδx only with
+    weight decay: x is then not read at all; v is written in pass 2). The bucket's tensor
     lists go into the scratch for pass 2."""
     ext = _cpu_ext.load()
     c1s = _host_scalars(c1, grp.layers, idx)
-    isc2 = [_inv_sqrt_c2(grp.beta2, grp.steps[i]) for i in idx]
+    isc2 = _isc2(grp, idx).tolist()  # CPU counters: a read of host memory, not a device sync
     xgdv = [[lst[i] for i in idx] for lst in (grp.params, grp.grads, grp.exp_avgs, grp.exp_avg_sqs)]
     with_x = grp.weight_decay != 0
     raw = ext.adamw_pass1(*xgdv, c1s, isc2, grp.beta2, grp.eps, grp.lam, with_x)
@@ -303,19 +344,35 @@ def _adamw_stats_cpp(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: int)
     return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, n_layers), (xgdv, c1s, isc2)
 
 
-def _adamw_apply_cpp(grp: AdamWGroup, idx: list[int], scratch, beta: Tensor):
+def _adamw_apply_cpp(grp: AdamWGroup, idx: list[int], scratch, beta: Tensor, skip):
     xgdv, c1s, isc2 = scratch
-    _cpu_ext.load().adamw_pass2(*xgdv, c1s, _host_scalars(beta, grp.layers, idx), isc2, grp.eps, grp.lam,
-                                grp.lr, grp.weight_decay)
+    _cpu_ext.load().adamw_pass2(*xgdv, c1s, _host_scalars(beta, grp.layers, idx), isc2, grp.beta2, grp.eps,
+                                grp.lam, grp.lr, grp.weight_decay, skip)
+
+
+def _adamw_stats_triton(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: int):
+    """Pass 1 and the per-layer reduction: two launches for the whole bucket (``[L, 5]`` out)."""
+    lists = [[lst[i] for i in idx] for lst in (grp.params, grp.grads, grp.exp_avgs, grp.exp_avg_sqs, grp.steps)]
+    sums, meta = _triton.adamw_stats(*lists, [grp.layers[i] for i in idx], [grp.weights[i] for i in idx],
+                                     n_layers, c1, beta2=grp.beta2, eps=grp.eps, lam=grp.lam,
+                                     with_x=grp.weight_decay != 0)
+    sums = sums.to(c1.dtype)
+    return torch.cat([_adamw_rows(sums[:, :-1], grp), sums[:, -1:]], 1), meta
+
+
+def _adamw_apply_triton(grp: AdamWGroup, idx: list[int], meta, c1: Tensor, beta: Tensor, skip):
+    _triton.adamw_apply(meta, grp.params[idx[0]].dtype, c1, beta, skip, beta2=grp.beta2, eps=grp.eps,
+                        lam=grp.lam, lr=grp.lr, wd=grp.weight_decay)
 
 
 def _adamw_apply_foreach(grp: AdamWGroup, idx: list[int], scratch, beta: Tensor):
-    X, Dm, P, S = scratch
+    X, Dm, P, S, V = scratch
     torch._foreach_mul_(S, [1 - beta[grp.layers[i]] for i in idx])  # S = (1-β) w δ
     torch._foreach_addcmul_(Dm, S, P, value=-1)  # d ← d - (1-β) δ/(1+λp)
     if grp.weight_decay != 0:
         torch._foreach_mul_(X, 1 - grp.lr * grp.weight_decay)
     torch._foreach_addcdiv_(X, Dm, P, value=-grp.lr)  # x ← x(1-ημ) - η d/p
+    torch._foreach_copy_([grp.exp_avg_sqs[i] for i in idx], V)
     for k, i in enumerate(idx):
         _writeback(grp.exp_avgs[i], Dm[k])
         _writeback(grp.params[i], X[k])
@@ -335,41 +392,59 @@ def _adamw_stats(grp: AdamWGroup, c1: Tensor, n_layers: int, impl: str):
     if not grp.weights:
         grp.weights = [1.0] * n
     for key, idx in _adamw_buckets(grp, impl).items():
-        if key[0] == "cpp":
+        if key[0] == "triton":
+            part, scratch[key] = _adamw_stats_triton(grp, idx, c1, n_layers)
+        elif key[0] == "cpp":
             part, scratch[key] = _adamw_stats_cpp(grp, idx, c1, n_layers)
         elif key[0] == "compiled":
             part, scratch[key] = _adamw_stats_compiled(grp, idx, c1, n_layers)
         elif key[0] == "foreach":
             part, scratch[key] = _adamw_stats_foreach(grp, idx, c1, n_layers)
         else:
-            parts, ps = [], []
-            for i in idx:
+            parts, pv = [], []
+            isc2 = _isc2(grp, idx).to(c1.dtype) if idx else None
+            for k, i in enumerate(idx):
                 layer = grp.layers[i]
-                part_i, p = _adamw_stats_one(
+                part_i, p, v_new = _adamw_stats_one(
                     grp.params[i], grp.grads[i], grp.exp_avgs[i], grp.exp_avg_sqs[i],
-                    t=grp.steps[i], c1=at_layer(c1, layer), beta2=grp.beta2, eps=grp.eps, lam=grp.lam,
+                    isc2=isc2[k], c1=at_layer(c1, layer), beta2=grp.beta2, eps=grp.eps, lam=grp.lam,
                     wd=grp.weight_decay, coef_a=grp.lr_ratio * (1 + grp.weight_decay * grp.lr),
                     layer=layer, n_layers=n_layers, weight=grp.weights[i],
                 )
                 parts.append(part_i)
-                ps.append(p)
-            part, scratch[key] = torch.stack(parts).sum(0), ps
+                pv.append((p, v_new))
+            part, scratch[key] = torch.stack(parts).sum(0), pv
         packed = part if packed is None else packed + part.to(packed.device, packed.dtype)
     return packed, scratch
 
 
-def _adamw_apply(grp: AdamWGroup, scratch: dict, beta: Tensor, impl: str):
-    for key, idx in _adamw_buckets(grp, impl).items():
-        if key[0] == "cpp":
-            _adamw_apply_cpp(grp, idx, scratch[key], beta)
+def _apply_buckets(buckets: dict, skip: Optional[Tensor]):
+    """The buckets whose apply phase runs: the Triton and C++ kernels honour the skip flag
+    themselves; the fallback paths run only if it is false, read on the host at most once."""
+    host_skip = None
+    for key, idx in buckets.items():
+        if key[0] not in ("triton", "cpp"):
+            if host_skip is None:
+                host_skip = _host_skip(skip)
+            if host_skip:
+                continue
+        yield key, idx
+
+
+def _adamw_apply(grp: AdamWGroup, scratch: dict, c1: Tensor, beta: Tensor, skip: Optional[Tensor], impl: str):
+    for key, idx in _apply_buckets(_adamw_buckets(grp, impl), skip):
+        if key[0] == "triton":
+            _adamw_apply_triton(grp, idx, scratch[key], c1, beta, skip)
+        elif key[0] == "cpp":
+            _adamw_apply_cpp(grp, idx, scratch[key], beta, skip)
         elif key[0] == "compiled":
-            _adamw_apply_compiled(grp, idx, scratch[key], beta)
+            _adamw_apply_compiled(grp, idx, scratch[key], c1, beta)
         elif key[0] == "foreach":
             _adamw_apply_foreach(grp, idx, scratch[key], beta)
         else:
-            for i, p in zip(idx, scratch[key]):
-                _adamw_apply_one(grp.params[i], grp.grads[i], grp.exp_avgs[i], p, at_layer(beta, grp.layers[i]),
-                                 lr=grp.lr, wd=grp.weight_decay, lam=grp.lam)
+            for i, (p, v_new) in zip(idx, scratch[key]):
+                _adamw_apply_one(grp.params[i], grp.grads[i], grp.exp_avgs[i], grp.exp_avg_sqs[i], p, v_new,
+                                 at_layer(beta, grp.layers[i]), lr=grp.lr, wd=grp.weight_decay, lam=grp.lam)
 
 
 def am_adamw(
@@ -380,12 +455,17 @@ def am_adamw(
     reduce: Reducer = None,
     impl: str = "foreach",
     force_beta: Optional[float] = None,
-) -> tuple[BetaState, Tensor]:
+    found_inf: Optional[Tensor] = None,
+    skip_nonfinite: bool = False,
+) -> tuple[BetaState, Tensor, Optional[Tensor]]:
     """One AM-AdamW step over all groups (they share the β's). Mutates params and moments.
 
-    Returns the new β state and the packed sums ``[L, 5]`` = [A, B, C, D, count] after
-    reduction (for logging). ``reduce(packed) -> summed`` runs exactly once, also when
-    this rank has no tensor with a gradient (so every rank reaches the collective).
+    Returns the new β state, the packed sums ``[L, 5]`` = [A, B, C, D, count] after
+    reduction (for logging), and the skip flag (0-d bool on device, None when no skip was
+    possible: ``found_inf`` None and not ``skip_nonfinite``). ``reduce(packed) -> summed``
+    runs exactly once, also when this rank has no tensor with a gradient or the step is
+    skipped (so every rank reaches the collective). Step counters are not touched (the
+    caller increments them, skip-aware).
     """
     c1 = 1 - cfg.beta_max * state.pi  # [L] conservative bias correction (D.1)
 
@@ -395,11 +475,11 @@ def am_adamw(
     def num_den(packed):
         return packed[:, 0] - packed[:, 1] - packed[:, 3], packed[:, 2]
 
-    return _run(groups, state, cfg, 4, stats, num_den, lambda g, s, b: _adamw_apply(g, s, b, impl),
-                reduce, force_beta)
+    return _run(groups, state, cfg, 4, stats, num_den, lambda g, s, b, sk: _adamw_apply(g, s, c1, b, sk, impl),
+                reduce, force_beta, found_inf, skip_nonfinite)
 
 
-def _run(groups, state, cfg, k, stats, num_den, apply, reduce, force_beta):
+def _run(groups, state, cfg, k, stats, num_den, apply, reduce, force_beta, found_inf, skip_nonfinite):
     """The phase structure shared by both optimizers (see the module docstring)."""
     packed = torch.zeros(state.pi.numel(), k + 1, dtype=state.pi.dtype, device=state.pi.device)
     scratch = []
@@ -410,11 +490,14 @@ def _run(groups, state, cfg, k, stats, num_den, apply, reduce, force_beta):
         scratch.append(sc)
     if reduce is not None:
         packed = reduce(packed)
+    skip = _skip_flag(found_inf, skip_nonfinite, packed)
     num, den = num_den(packed)
     beta, new_state = finish_beta(packed, num, den, state, cfg, force_beta)
+    if skip is not None:
+        new_state = new_state.unless(skip, state)
     for grp, sc in zip(groups, scratch):
-        apply(grp, sc, beta)
-    return new_state, packed
+        apply(grp, sc, beta, skip)
+    return new_state, packed, skip
 
 
 # ----------------------------------------------------------------------------- AM-SGD
@@ -475,7 +558,13 @@ def _sgd_stats(grp: SGDGroup, n_layers: int, impl: str, dtype, device):
                 packed[layer, -1] += grp.params[i].numel()
     scratch = {}
     for key, idx in _sgd_buckets(grp, have, impl).items():
-        if key[0] == "cpp":  # the bucket's tensor lists go into the scratch for pass 2
+        if key[0] == "triton":  # pass 1 and the per-layer reduction: two launches
+            xgd = [[lst[i] for i in idx] for lst in (grp.params, grp.grads, grp.momentum_buffers)]
+            sums, scratch[key] = _triton.sgd_stats(*xgd, [grp.layers[i] for i in idx],
+                                                   [grp.weights[i] for i in idx], n_layers, wd=grp.weight_decay)
+            sums = sums.to(dtype)
+            part = torch.cat([_sgd_rows(sums[:, :-1], grp, coef_a), sums[:, -1:]], 1)
+        elif key[0] == "cpp":  # the bucket's tensor lists go into the scratch for pass 2
             xgd = [[lst[i] for i in idx] for lst in (grp.params, grp.grads, grp.momentum_buffers)]
             raw = _cpu_ext.load().sgd_pass1(*xgd, grp.weight_decay).to(dtype)
             part = _rows_to_layers(_sgd_rows(raw, grp, coef_a), grp, idx, n_layers)
@@ -498,18 +587,23 @@ def _sgd_stats(grp: SGDGroup, n_layers: int, impl: str, dtype, device):
     return packed, (have, scratch)
 
 
-def _sgd_apply(grp: SGDGroup, sc, beta: Tensor, impl: str):
+def _sgd_apply(grp: SGDGroup, sc, beta: Tensor, skip: Optional[Tensor], impl: str):
     have, scratch = sc
-    for i in range(len(grp.params)):  # first step of a tensor: d ← g, x ← x - η d
-        if grp.momentum_buffers[i] is None:
-            x = grp.params[i]
-            d = _sgd_grad(_up(x), _up(grp.grads[i]), grp.weight_decay).clone()
-            x.copy_(_up(x) - grp.lr * d)
-            grp.momentum_buffers[i] = d.to(x.dtype)
-    for key, idx in _sgd_buckets(grp, have, impl).items():
-        if key[0] == "cpp":  # d ← d + (β-1)/(1+λ) δ, x ← x - η d (G = g + μx recomputed)
+    first = [i for i in range(len(grp.params)) if grp.momentum_buffers[i] is None]
+    if first and _host_skip(skip):  # a host read, but only on the first step of some tensor
+        first = []
+    for i in first:  # first step of a tensor: d ← g, x ← x - η d
+        x = grp.params[i]
+        d = _sgd_grad(_up(x), _up(grp.grads[i]), grp.weight_decay).clone()
+        x.copy_(_up(x) - grp.lr * d)
+        grp.momentum_buffers[i] = d.to(x.dtype)
+    for key, idx in _apply_buckets(_sgd_buckets(grp, have, impl), skip):
+        if key[0] == "triton":
+            _triton.sgd_apply(scratch[key], grp.params[idx[0]].dtype, beta, skip, lam=grp.lam, lr=grp.lr,
+                              wd=grp.weight_decay)
+        elif key[0] == "cpp":  # d ← d + (β-1)/(1+λ) δ, x ← x - η d (G = g + μx recomputed)
             coef = [(b - 1) / (1 + grp.lam) for b in _host_scalars(beta, grp.layers, idx)]
-            _cpu_ext.load().sgd_pass2(*scratch[key], coef, grp.lr, grp.weight_decay)
+            _cpu_ext.load().sgd_pass2(*scratch[key], coef, grp.lr, grp.weight_decay, skip)
         elif key[0] == "foreach":
             X, Dm, Delta = scratch[key]
             # d ← ((β+λ)d + (1-β)g)/(1+λ) = d - (1-β)/(1+λ) δ
@@ -533,10 +627,13 @@ def am_sgd(
     reduce: Reducer = None,
     impl: str = "foreach",
     force_beta: Optional[float] = None,
-) -> tuple[BetaState, Tensor]:
+    found_inf: Optional[Tensor] = None,
+    skip_nonfinite: bool = False,
+) -> tuple[BetaState, Tensor, Optional[Tensor]]:
     """One AM-SGD step over all groups. New buffers are stored into ``momentum_buffers``.
 
-    Returns the new β state and the packed sums ``[L, 4]`` = [A, B, C, count].
+    Returns the new β state, the packed sums ``[L, 4]`` = [A, B, C, count] and the skip
+    flag (as ``am_adamw``; a skipped step creates no buffer).
     """
     L, dt, dev = state.pi.numel(), state.pi.dtype, state.pi.device
 
@@ -544,4 +641,4 @@ def am_sgd(
         return packed[:, 0] - packed[:, 1], packed[:, 2]
 
     return _run(groups, state, cfg, 3, lambda g: _sgd_stats(g, L, impl, dt, dev), num_den,
-                lambda g, s, b: _sgd_apply(g, s, b, impl), reduce, force_beta)
+                lambda g, s, b, sk: _sgd_apply(g, s, b, sk, impl), reduce, force_beta, found_inf, skip_nonfinite)

@@ -64,11 +64,41 @@ def local(t: Optional[Tensor]) -> Optional[Tensor]:
     return t
 
 
-def process_group_reducer(group) -> ReduceFn:
-    """``all_reduce(SUM)`` of the packed sums over ``group`` (in place, returned)."""
+def group_serves(group, device: torch.device) -> bool:
+    """Whether ``group`` (None: the default group) has a backend for tensors on ``device``.
+
+    NCCL serves CUDA tensors only: under ZeRO optimizer offload the AM statistics are CPU tensors
+    and DeepSpeed's data-parallel group cannot reduce them (``init_process_group("cuda:gloo")``
+    emulates that on a CPU machine)."""
     import torch.distributed as dist
 
+    pg = group if group is not None else dist.group.WORLD
+    try:
+        pg._get_backend(torch.device(device))
+    except RuntimeError:
+        return False
+    return True
+
+
+def process_group_reducer(group) -> ReduceFn:
+    """``all_reduce(SUM)`` of the packed sums over ``group`` (in place, returned).
+
+    The first reduction from each device type checks that the group serves it and otherwise
+    stops with what to do, instead of c10d's "No backend type associated with device type"."""
+    import torch.distributed as dist
+
+    served: set[str] = set()
+
     def reduce(packed: Tensor) -> Tensor:
+        if packed.device.type not in served:
+            if not group_serves(group, packed.device):
+                backend = dist.get_backend(group)
+                raise RuntimeError(
+                    f"the AM optimizer's statistics are {packed.device.type} tensors but its reducer, a "
+                    f"{backend!r} process group, has no {packed.device.type} backend (NCCL serves CUDA only); "
+                    f"pass reducer=dist.new_group(ranks, backend='gloo') for CPU parameters (ZeRO offload: "
+                    f"amllm.parallel.deepspeed_backend.build_engine does this)")
+            served.add(packed.device.type)
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
         return packed
 

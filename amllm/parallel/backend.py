@@ -36,7 +36,7 @@ from ..config import Config, ConfigError
 from ..faults import NonFiniteGuard, takes_found_inf
 from ..optim_factory import build_optimizer
 from .blocks import prepare_blocks
-from .distributed import DistInfo, wrap_ddp
+from .distributed import DistInfo, ensure_process_group, wrap_ddp
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,9 @@ class Backend:
             load_dcp(path / "dcp", self.raw_model, self.optimizer)
             return
         self.raw_model.load_state_dict(ckpt.load_torch(path / "model.pt", map_location=self.info.device))
-        load_optimizer(ckpt.load_torch(path / "optimizer.pt", map_location=self.info.device))
+        # CPU first: the optimizer's load_state_dict moves each entry where it keeps it (torch keeps a
+        # loaded `step` on whatever device it came on, and a GPU step would sync per tensor per step)
+        load_optimizer(lambda: ckpt.load_torch(path / "optimizer.pt", map_location="cpu"))
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -128,6 +130,7 @@ class FSDP2Backend(Backend):
     def setup(self, model: torch.nn.Module) -> None:
         from .fsdp import apply_fsdp2
 
+        ensure_process_group(self.info.device)  # fully_shard needs a group, also in one process
         prepare_blocks(model, self.cfg.train)  # AC, then per-block compile, then fully_shard
         self.raw_model = self.model = apply_fsdp2(model, self.cfg.train.precision,
                                                   reshard_after_forward=self.cfg.parallel.reshard_after_forward)

@@ -49,6 +49,32 @@ from amllm.config import Config, ConfigError
 from amllm.optim._base import AMOptimizerBase
 
 # ---------------------------------------------------------------------------------------
+# Which DeepSpeed versions the adapter is tested with
+# ---------------------------------------------------------------------------------------
+
+#: [lowest, above highest) DeepSpeed versions the adapter is tested with; pyproject's extras say the
+#: same (tests/test_deepspeed_config.py checks both agree). The adapter reads ~20 private attributes
+#: of DeepSpeed's ZeRO optimizers, listed in docs/deepspeed_notes.md; re-run tools/ds_probe.py and
+#: tests/test_deepspeed_zero.py before widening the range.
+DEEPSPEED_TESTED = ("0.16", "0.20")
+
+
+def check_deepspeed_version(version: str) -> None:
+    """Refuse a DeepSpeed older than the adapter knows; warn (one line) for a newer, untested one."""
+    import warnings
+
+    from packaging.version import Version
+
+    low, high = DEEPSPEED_TESTED
+    pin = f"pip install 'deepspeed>={low},<{high}'"
+    if Version(version) < Version(low):
+        raise ConfigError(f"deepspeed {version} is older than the adapter supports ({low}); {pin}")
+    if Version(version) >= Version(high):
+        warnings.warn(f"deepspeed {version} is untested with amllm's ZeRO adapter (tested: >={low},<{high}; it reads "
+                      f"private attributes, see docs/deepspeed_notes.md); {pin} if the run misbehaves", stacklevel=2)
+
+
+# ---------------------------------------------------------------------------------------
 # DeepSpeed JSON <-> trainer config
 # ---------------------------------------------------------------------------------------
 
@@ -197,6 +223,31 @@ def _shards_zero3(ds_opt, layer_of) -> list[_Shard]:
     return shards
 
 
+def _reduce_group(dp_group, shards: list[_Shard]):
+    """The group AM's packed sums are all-reduced over: DeepSpeed's data-parallel group, unless the
+    shards live where that group has no backend. Under optimizer offload the fp32 shards, the AM
+    state and the sums are CPU tensors, and NCCL serves CUDA tensors only: then a gloo group over
+    the same ranks is built here (bind runs on every rank, so every rank joins) and the CPU sums
+    are reduced there, with no device copy and no host sync. One rank: no reduction at all."""
+    import torch.distributed as dist
+
+    from amllm.optim.reduce import group_serves
+
+    devices = {s.flat.device.type for s in shards}
+    if len(devices) > 1:
+        raise RuntimeError(f"DeepSpeed's fp32 shards are on several device types {sorted(devices)}; "
+                           f"see docs/deepspeed_notes.md")
+    if dist.get_world_size(dp_group) == 1:
+        return None  # the shards are the whole model: nothing to sum (and NCCL could not sum CPU tensors)
+    if not devices or group_serves(dp_group, torch.device(devices.pop())):
+        return dp_group
+    ranks = dist.get_process_group_ranks(dp_group)
+    if len(ranks) != dist.get_world_size():
+        raise ConfigError("AM-AdamW with ZeRO optimizer offload needs the data-parallel group to span all ranks "
+                          "(no model/sequence parallelism); set zero_optimization.offload_optimizer.device=none")
+    return dist.new_group(ranks, backend="gloo")
+
+
 class ZeroAMAdapter(torch.optim.Optimizer):
     """What DeepSpeed sees as the client optimizer; runs one exact AM step per engine step.
 
@@ -204,7 +255,8 @@ class ZeroAMAdapter(torch.optim.Optimizer):
     hyper-parameters, its param groups). DeepSpeed rewrites this adapter's param groups to its
     flat shards; :meth:`bind` then builds ``self.am``, an optimizer of the template's class over
     those shards (per-layer: over views of them, one per parameter fragment) with ``reducer`` =
-    the data-parallel group. Use ``self.am`` for ``last_beta`` / ``fallback_count``; learning rates are
+    the data-parallel group (a gloo twin of it when offload puts the shards on the CPU and the
+    group is NCCL: :func:`_reduce_group`). Use ``self.am`` for ``last_beta`` / ``fallback_count``; learning rates are
     set on this adapter's (= DeepSpeed's) param groups and copied to ``self.am`` at each step.
     """
 
@@ -271,7 +323,8 @@ class ZeroAMAdapter(torch.optim.Optimizer):
             self._pieces = [(s, s.flat, None, 0) for s in shards]
         inner_groups = [{**{k: v for k, v in g.items() if k != "params"},
                          "params": [t for s, t, _, _ in self._pieces if s.group == i]} for i, g in enumerate(self._groups)]
-        self.am = type(self.template)(inner_groups, reducer=group[0], **self.template.defaults)
+        self.am = type(self.template)(inner_groups, reducer=_reduce_group(group[0], shards), **self.template.defaults)
+        self.am._impl = self.template._impl  # the kernel path chosen for the template (optim.impl)
         if self.template.defaults.get("per_layer", False):
             self.am.set_layer_map({t: layer for _, t, _, layer in self._pieces}, n_layers)
         self.zero_padding()
@@ -361,6 +414,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: 
     import deepspeed
     import torch.distributed as dist
 
+    check_deepspeed_version(deepspeed.__version__)
     if not dist.is_initialized():  # the world size decides gradient_accumulation_steps: join first
         deepspeed.init_distributed()  # env from the launcher; NCCL on CUDA, gloo/oneCCL on CPU
     world = dist.get_world_size()
@@ -371,6 +425,9 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: 
         raise ConfigError("build the AM optimizer with reducer=None for parallel.backend=deepspeed; "
                           "the reduction group is DeepSpeed's and is set by build_engine")
     client = ZeroAMAdapter(optimizer) if is_am and stage > 0 else optimizer
+    if is_am:  # DeepSpeed's per-step host check of the norm is the AM optimizer's device-side skip
+        ds["bf16"].setdefault("check_grad_overflow", False)
+        _device_side_norm_checks()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=ds)
     if isinstance(client, ZeroAMAdapter):
         if engine.optimizer is client:  # not expected with ZeRO > 0; keep the template path working
@@ -379,6 +436,32 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: 
     if cfg.train.compile:
         engine.compile()  # DeepSpeed's own: torch.compile of the module, aware of its ZeRO hooks
     return engine
+
+
+def _valid_norm(norm) -> bool:
+    """Stands in for DeepSpeed's ``is_invalid_grad_norm`` (see :func:`_device_side_norm_checks`)."""
+    return False
+
+
+def _device_side_norm_checks() -> None:
+    """Remove the host read DeepSpeed's ZeRO-1/2/3 and BF16 optimizers make every step.
+
+    They call ``is_invalid_grad_norm(norm)`` -- ``bool()`` of a device tensor, one GPU sync per step --
+    to skip a step whose gradient norm is NaN/inf (whenever clipping is on or overflow checks are; in
+    DeepSpeed 0.19 that is every step of every recipe). With an AM optimizer that decision is already
+    taken on the device: a non-finite gradient makes its all-reduced statistics non-finite on every rank
+    and it skips its update (``skip_nonfinite``). What DeepSpeed does instead when the norm is bad stays
+    safe: the clip coefficient of a NaN norm is NaN, so the scaled gradients are NaN and the AM step
+    skips; a -1 "invalid" sentinel leaves the (non-finite) gradients unscaled, same outcome. So the
+    check answers "valid" in the modules that imported it. Process-wide; only called for AM optimizers
+    (tested: tests/test_gpu_path.py, NaN gradients under ZeRO-2 skip the update)."""
+    import importlib
+
+    for name in ("deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
+                 "deepspeed.runtime.bf16_optimizer"):
+        module = importlib.import_module(name)
+        if hasattr(module, "is_invalid_grad_norm"):
+            module.is_invalid_grad_norm = _valid_norm
 
 
 def am_optimizer(engine) -> torch.optim.Optimizer:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class DistInfo:
 def pick_device(pref: str, local_rank: int) -> torch.device:
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -72,6 +75,14 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 1800, deepspeed
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
+def ensure_process_group(device: torch.device) -> None:
+    """A one-rank process group when none was started (one process: init_distributed joins none),
+    for what needs a group even then (FSDP2's fully_shard). In-process store: no port is taken."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, device_id=device if device.type == "cuda" else None)
+
+
 def _restart_store(rank: int, world: int, timeout: datetime.timedelta):
     """After a `torchrun --max-restarts` restart: the launcher's store under a per-attempt prefix.
 
@@ -101,6 +112,80 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def main_first(fn, what: str, timeout_s: float, error=RuntimeError, note_every_s: float = 60.0) -> None:
+    """Rank 0 runs ``fn()`` while every other rank waits; then all go on, or all raise rank 0's error.
+
+    The wait does not ride on the default group's timeout (NCCL's 30 minutes would kill a long first
+    tokenization): it is an asynchronous broadcast on a gloo side group with its own ``timeout_s``,
+    polled so that rank 1 prints progress every ``note_every_s``. If ``fn`` raises on rank 0, the other
+    ranks raise ``error`` with its one-line message instead of hanging in a barrier."""
+    if not is_dist():
+        fn()
+        return
+    rank = dist.get_rank()
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s + 60))
+    if rank == 0:
+        try:
+            fn()
+        except BaseException as e:
+            _send_status(group, f"{type(e).__name__}: {e}".splitlines()[0])
+            raise
+        _send_status(group, "")
+    else:
+        message = _wait_status(group, rank, what, timeout_s, note_every_s, error)  # raises on a timeout:
+        if message:  # the group is left as is (destroying it would wait for rank 0's pending broadcast)
+            raise error(f"rank 0 failed while {what}: {message}")
+    dist.destroy_process_group(group)
+
+
+def _send_status(group, message: str) -> None:
+    data = torch.tensor(list(message.encode()), dtype=torch.uint8)
+    dist.broadcast(torch.tensor([data.numel()]), src=0, group=group)
+    if data.numel():
+        dist.broadcast(data, src=0, group=group)
+
+
+def _wait_status(group, rank: int, what: str, timeout_s: float, note_every_s: float, error) -> str:
+    length = torch.zeros(1, dtype=torch.int64)
+    work = dist.broadcast(length, src=0, group=group, async_op=True)
+    start = time.monotonic()
+    note_at = start + note_every_s
+    while not work.is_completed():
+        waited = time.monotonic() - start
+        if waited > timeout_s:
+            raise error(f"rank {rank} waited {waited:.0f} s for rank 0 {what} (data.prepare_timeout_s={timeout_s:g}); "
+                        f"tokenize ahead with `python tools/prepare_data.py --config ...` or raise the timeout")
+        if rank == 1 and time.monotonic() >= note_at:
+            print(f"[rank 1] waiting for rank 0 {what}: {waited / 60:.0f} min so far (the other ranks wait too; "
+                  f"tools/prepare_data.py does this ahead of a run)", flush=True)
+            note_at += note_every_s
+        time.sleep(0.1)
+    try:
+        work.wait()
+    except Exception as e:  # rank 0 died, or gloo's own timeout
+        raise error(f"rank {rank} lost rank 0 while it was {what}: {str(e).splitlines()[0]}") from None
+    if not int(length):
+        return ""
+    data = torch.empty(int(length), dtype=torch.uint8)
+    dist.broadcast(data, src=0, group=group)
+    return bytes(data.tolist()).decode(errors="replace")
+
+
+def raise_if_any_rank(failure: BaseException | None, error=RuntimeError, hint: str = "") -> None:
+    """Collective: if any rank failed, every rank raises ``error`` with the first failing rank's message
+    (instead of the failed rank leaving and the others hanging in their next collective)."""
+    if not is_dist():
+        if failure is not None:
+            raise failure
+        return
+    msgs = [None] * dist.get_world_size()
+    dist.all_gather_object(msgs, None if failure is None else str(failure).splitlines()[0])
+    bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    if bad:
+        r, m = bad[0]
+        raise error(f"rank {r}: {m}" + (f" ({hint})" if hint and r != 0 else ""))
 
 
 def broadcast_object(obj, src: int = 0):

@@ -1,18 +1,22 @@
 // Fused CPU kernels of AM-AdamW and AM-SGD: one call per pass for a whole list of tensors.
 //
 // Loaded by amllm/optim/_cpu_ext.py (torch.utils.cpp_extension JIT build, cached).
-// The math is the spec's (/shared/spec/am-optimizers.md), rewritten as in functional.py's
+// The math is the spec's (docs/optimizer.md), rewritten as in functional.py's
 // foreach path and _compiled.py; every kernel is checked in lockstep against the float64
 // oracle in tests/reference_am.py.
 //
 // AM-AdamW, pass 1 (needs this step's g; β not known yet):
-//     v <- b2 v + (1 - b2) g^2                  (in place; p below uses v as stored)
+//     vn = b2 v + (1 - b2) g^2                  (rounded as stored, NOT written: pass 2 writes
+//                                                it, so a step can still be skipped after the
+//                                                reduction; it also saves pass 1 a write)
 //     p = c1 (sqrt(v) isc2 + eps),  u = 1 + lam p,  inv = 1 / (p u)   (inv = w, u inv = 1/p)
 //     delta = d - g,  q = d / p = d u inv
 //     sums per tensor: [sum g q, sum delta q, sum inv delta^2, sum g x, sum delta x]
 //     (the x terms only when the group has weight decay: then x is not read at all)
-// AM-AdamW, pass 2 (β known):
+// AM-AdamW, pass 2 (β known): v <- vn (recomputed), p from it, then
 //     d <- (d (beta + lam p) + (1 - beta) g) / u,    x <- x (1 - lr wd) - lr d / p
+// Both pass 2 entry points take the step's skip flag (a CPU bool tensor, or None): when it
+// is set they return before touching memory; the flag is read here, not by Python.
 // AM-SGD (coupled weight decay: G = g + wd x, never written back to g):
 //     pass 1: delta = d - G; sums [sum G d, sum delta G, sum delta^2]
 //     pass 2: d <- d + coef delta  (coef = (beta - 1) / (1 + lam)),  x <- x - lr d
@@ -71,14 +75,13 @@ void check_lists(std::initializer_list<const TensorList*> lists,
 
 // S: storage type, C: compute type.
 template <typename S, typename C, bool kWithX>
-void adamw_pass1_span(const S* __restrict x, const S* __restrict g, const S* __restrict d, S* __restrict v,
+void adamw_pass1_span(const S* __restrict x, const S* __restrict g, const S* __restrict d, const S* __restrict v,
                       int64_t b, int64_t e, C c1, C b2, C omb2, C eps, C lam, C isc2, double* out) {
   C s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
 #pragma omp simd reduction(+ : s0, s1, s2, s3, s4)
   for (int64_t i = b; i < e; ++i) {
     const C G = static_cast<C>(g[i]), D = static_cast<C>(d[i]);
     const S vs = static_cast<S>(static_cast<C>(v[i]) * b2 + omb2 * G * G);
-    v[i] = vs;
     const C p = c1 * (std::sqrt(static_cast<C>(vs)) * isc2 + eps);
     const C u = C(1) + lam * p;
     const C inv = C(1) / (p * u);
@@ -97,12 +100,14 @@ void adamw_pass1_span(const S* __restrict x, const S* __restrict g, const S* __r
 }
 
 template <typename S, typename C>
-void adamw_pass2_span(S* __restrict x, const S* __restrict g, S* __restrict d, const S* __restrict v, int64_t b,
-                      int64_t e, C c1, C beta, C omb, C eps, C lam, C isc2, C lr, C decay) {
+void adamw_pass2_span(S* __restrict x, const S* __restrict g, S* __restrict d, S* __restrict v, int64_t b,
+                      int64_t e, C c1, C beta, C omb, C b2, C omb2, C eps, C lam, C isc2, C lr, C decay) {
 #pragma omp simd
   for (int64_t i = b; i < e; ++i) {
     const C G = static_cast<C>(g[i]), D = static_cast<C>(d[i]), X = static_cast<C>(x[i]);
-    const C p = c1 * (std::sqrt(static_cast<C>(v[i])) * isc2 + eps);
+    const S vs = static_cast<S>(static_cast<C>(v[i]) * b2 + omb2 * G * G);
+    v[i] = vs;
+    const C p = c1 * (std::sqrt(static_cast<C>(vs)) * isc2 + eps);
     const C u = C(1) + lam * p;
     const C inv = C(1) / (p * u);
     const C dn = (D * (beta + lam * p) + omb * G) * (p * inv);
@@ -186,6 +191,14 @@ at::Tensor over_chunks(const TensorList& xs, const F& body) {
   return gather_sums(spans, part, xs.size(), K);
 }
 
+// The skip flag of a step: an undefined/None tensor means "no skip possible".
+bool skipped(const c10::optional<at::Tensor>& skip) {
+  if (!skip.has_value() || !skip->defined()) return false;
+  TORCH_CHECK(skip->device().is_cpu() && skip->numel() == 1 && skip->scalar_type() == at::kBool,
+              "amllm cpu kernels: skip must be a 1-element CPU bool tensor");
+  return *skip->data_ptr<bool>();  // the memory itself: no dispatch, no Python
+}
+
 }  // namespace
 
 // Per-tensor scalars: c1, isc2 (1/sqrt(1 - b2^t)), beta, coef. Scalar coefficients such as
@@ -206,14 +219,16 @@ at::Tensor adamw_pass1(const TensorList& xs, const TensorList& gs, const TensorL
 
 void adamw_pass2(const TensorList& xs, const TensorList& gs, const TensorList& ds, const TensorList& vs,
                  const std::vector<double>& c1, const std::vector<double>& beta, const std::vector<double>& isc2,
-                 double eps, double lam, double lr, double wd) {
+                 double b2, double eps, double lam, double lr, double wd, const c10::optional<at::Tensor>& skip) {
   check_lists({&xs, &gs, &ds, &vs}, {&c1, &beta, &isc2});
+  if (skipped(skip)) return;
   over_chunks<0>(xs, [&](auto s_tag, auto c_tag, const Span& sp, double*) {
     using S = decltype(s_tag);
     using C = decltype(c_tag);
     const int64_t k = sp.k;
     adamw_pass2_span<S, C>(ptr<S>(xs[k]), ptr<S>(gs[k]), ptr<S>(ds[k]), ptr<S>(vs[k]), sp.begin, sp.end, C(c1[k]),
-                           C(beta[k]), C(1.0 - beta[k]), C(eps), C(lam), C(isc2[k]), C(lr), C(1.0 - lr * wd));
+                           C(beta[k]), C(1.0 - beta[k]), C(b2), C(1.0 - b2), C(eps), C(lam), C(isc2[k]), C(lr),
+                           C(1.0 - lr * wd));
   });
 }
 
@@ -228,8 +243,9 @@ at::Tensor sgd_pass1(const TensorList& xs, const TensorList& gs, const TensorLis
 }
 
 void sgd_pass2(const TensorList& xs, const TensorList& gs, const TensorList& ds, const std::vector<double>& coef,
-               double lr, double wd) {
+               double lr, double wd, const c10::optional<at::Tensor>& skip) {
   check_lists({&xs, &gs, &ds}, {&coef});
+  if (skipped(skip)) return;
   over_chunks<0>(xs, [&](auto s_tag, auto c_tag, const Span& sp, double*) {
     using S = decltype(s_tag);
     using C = decltype(c_tag);
@@ -239,8 +255,8 @@ void sgd_pass2(const TensorList& xs, const TensorList& gs, const TensorList& ds,
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("adamw_pass1", &adamw_pass1, "AM-AdamW pass 1 over a tensor list: v in place, [n, 5] float64 sums");
-  m.def("adamw_pass2", &adamw_pass2, "AM-AdamW pass 2 over a tensor list: d and x in place");
+  m.def("adamw_pass1", &adamw_pass1, "AM-AdamW pass 1 over a tensor list: [n, 5] float64 sums (v not written)");
+  m.def("adamw_pass2", &adamw_pass2, "AM-AdamW pass 2 over a tensor list: v, d and x in place (unless skip)");
   m.def("sgd_pass1", &sgd_pass1, "AM-SGD pass 1 over a tensor list: [n, 3] float64 sums");
-  m.def("sgd_pass2", &sgd_pass2, "AM-SGD pass 2 over a tensor list: d and x in place");
+  m.def("sgd_pass2", &sgd_pass2, "AM-SGD pass 2 over a tensor list: d and x in place (unless skip)");
 }

@@ -1,0 +1,218 @@
+"""The GPU path's step bookkeeping, proven on CPU: no host read in a quiet step, device-side skips.
+
+A "quiet" step neither logs, evaluates, saves nor checks the guard's flags. On a GPU any host read in
+it (``.item()``, ``bool(t)``, ``.tolist()``, a copy to the host) stalls the CPU until the GPU queue
+drains; here ``train.sync_debug=true`` runs quiet steps under ``amllm.debug.HostReads(strict=True)``,
+which raises at the first such read (on CUDA it sets torch's sync debug mode to "error" instead).
+The AM optimizers run their accelerator path (the Triton kernels, interpreted on CPU with
+``TRITON_INTERPRET=1``); torch's AdamW runs fused (it honours ``found_inf`` on the device).
+
+Non-finite steps: the update is skipped on the device (``optimizer.found_inf``, and the AM
+optimizers' own check of their all-reduced statistics), so NaN gradients are caught before the
+update under DeepSpeed too, where the engine measures the norm inside its own step.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, free_port
+
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+from amllm import faults  # noqa: E402
+from amllm.debug import HostReadError, HostReads  # noqa: E402
+from amllm.optim import _triton  # noqa: E402
+
+TRITON = {"TRITON_INTERPRET": "1"}
+
+
+def quiet(train_overrides, run: Path, steps: int = 8, every: int = 4, **extra) -> list[str]:
+    """A run whose steps 3..every-1, every+1.. are quiet (log/check every `every` steps, no eval or
+    checkpoint cadence: only the final step saves)."""
+    return train_overrides(run, **{"train.max_steps": steps, "log.every": every, "train.check_every": every,
+                                   "eval.every": 0, "checkpoint.every": 0, "train.sync_debug": "true", **extra})
+
+
+def run_cli(cmd: list[str], env_extra: dict | None = None, timeout: int = 600) -> tuple[int, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+def torchrun(n: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+            str(free_port()), "train.py"]
+
+
+def deepspeed_cli(n: int) -> list[str]:
+    exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    return [exe, "--num_gpus", str(n), "--master_port", str(free_port()), "train.py"]
+
+
+DS_ENV = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))}
+
+
+# ---- the counter itself can fail -------------------------------------------------------------------
+
+def test_host_read_counter_sees_every_kind_of_read():
+    t = torch.arange(4.0)
+    with HostReads() as reads:
+        (t * 2).add_(1).sum()
+    assert reads.count == 0
+    with HostReads() as reads:
+        t.sum().item()
+        bool(t[0] > 0)
+        float(t[1])
+        t.tolist()
+        t.numpy()
+    assert reads.count == 5, reads.where
+    with pytest.raises(HostReadError, match=r"host read .* tests/test_gpu_path.py:\d+"):
+        with HostReads(strict=True):
+            t.max().item()
+
+
+def test_planted_item_in_a_quiet_step_fails(train_overrides, tmp_path, monkeypatch):
+    """The trainer-level check is not blind: one `.item()` in the loss of a quiet step stops the run."""
+    real = train.lm_loss
+
+    def lm_loss_with_a_sync(logits, y):
+        loss = real(logits, y)
+        loss.item()  # planted
+        return loss
+
+    monkeypatch.setattr(train, "lm_loss", lm_loss_with_a_sync)
+    with pytest.raises(HostReadError, match=r"lm_loss_with_a_sync"):
+        train.main(quiet(train_overrides, tmp_path / "run", **{"optim.name": "adamw", "optim.impl": "fused"}))
+
+
+# ---- zero host reads in quiet steps, on every backend ------------------------------------------------
+
+def test_quiet_steps_make_no_host_read_one_process(train_overrides, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for optim in ({"optim.name": "adamw", "optim.impl": "fused"},
+                  {"optim.name": "am_adamw", "optim.impl": "triton"},
+                  {"optim.name": "am_adamw", "optim.impl": "triton", "optim.per_layer": "true",
+                   "train.nonfinite": "skip"},
+                  {"optim.name": "am_sgd", "optim.impl": "triton", "optim.lr": 0.05}):
+        run = tmp_path / "_".join(f"{v}" for v in optim.values())
+        launches = _triton.launches
+        assert train.main(quiet(train_overrides, run, **optim)) == 0, optim
+        if optim["optim.impl"] == "triton":  # the kernels ran (no silent fallback to foreach)
+            assert _triton.launches >= launches + 3 * 7, optim  # AM-SGD: no sums on its first step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
+def test_quiet_steps_make_no_host_read_two_ranks(train_overrides, tmp_path, backend):
+    over = quiet(train_overrides, tmp_path / "run", **{"parallel.backend": backend, "optim.impl": "triton",
+                                                        "train.micro_batch_size": 1})
+    rc, out = run_cli(torchrun(2) + over, TRITON)
+    assert rc == 0, out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_quiet_steps_make_no_host_read_deepspeed_zero2(train_overrides, tmp_path):
+    """DeepSpeed's own per-step norm check (`is_invalid_grad_norm`, a host read) is replaced by the AM
+    optimizer's device-side skip; bf16 as on a GPU."""
+    pytest.importorskip("deepspeed")
+    over = quiet(train_overrides, tmp_path / "run", **{
+        "parallel.backend": "deepspeed", "parallel.deepspeed_config": "configs/deepspeed/zero2_bf16.json",
+        "train.precision": "bf16", "optim.impl": "triton", "train.micro_batch_size": 1})
+    rc, out = run_cli(deepspeed_cli(2) + over, {**TRITON, **DS_ENV})
+    assert rc == 0, out[-3000:]
+
+
+# ---- stop requests: honoured within check_every steps ------------------------------------------------
+
+def test_stop_request_is_honoured_at_the_next_check(train_overrides, tmp_path, monkeypatch):
+    monkeypatch.setenv("AMLLM_TEST_STOP_AT_STEP", "5")
+    run = tmp_path / "run"
+    over = train_overrides(run, **{"train.max_steps": 12, "log.every": 100, "train.check_every": 4,
+                                   "eval.every": 0, "checkpoint.every": 0})
+    assert train.main(over) == train.PREEMPTED_EXIT
+    assert [p.name for p in run.glob("step-*")] == ["step-8"]  # requested at 5, checked at 8
+
+
+def test_stop_on_a_cadence_save_saves_once_and_exits(train_overrides, tmp_path, monkeypatch):
+    monkeypatch.setenv("AMLLM_TEST_STOP_AT_STEP", "4")
+    run = tmp_path / "run"
+    over = train_overrides(run, **{"train.max_steps": 12, "checkpoint.every": 4, "eval.every": 0})
+    assert train.main(over) == train.PREEMPTED_EXIT
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-4"]
+
+
+# ---- the guard's accumulators ------------------------------------------------------------------------
+
+def test_guard_reports_the_first_bad_step_and_counts_skips(capsys):
+    g = faults.NonFiniteGuard("skip", torch.device("cpu"), skipped=2, first_step=10)
+    ok, bad_loss = torch.tensor(0.0), torch.tensor(float("nan"))
+    for loss, skipped in ((ok, 0.0), (bad_loss, 1.0), (ok, 1.0), (ok, 0.0)):  # steps 11..14
+        flags = g.observe(loss, torch.tensor(1.0))
+        g.record(flags, torch.tensor(skipped))
+    g.check(14)
+    out = capsys.readouterr().out
+    assert "step 12: non-finite loss; update skipped (4 so far, and 1 more up to step 14)" in out
+    assert g.skipped == 4 and not g.stop_requested
+    g.check(15)  # nothing new since the last check
+    assert capsys.readouterr().out == "" and g.skipped == 4
+    stop = faults.NonFiniteGuard("stop", torch.device("cpu"), first_step=0)
+    g_flags = stop.observe(ok, torch.tensor(float("inf")), stop=True)
+    stop.record(g_flags, torch.tensor(1.0))
+    with pytest.raises(faults.NonFiniteError, match=r"^step 1: non-finite gradient norm; stopped without saving"):
+        stop.check(1)
+    assert stop.stop_requested
+
+
+# ---- non-finite gradients (finite loss) are skipped on the device ------------------------------------
+
+def _weights_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _model_at(run: Path, step: int) -> dict:
+    from amllm.parallel.backend import full_model_state
+
+    return full_model_state(run / f"step-{step}")
+
+
+@pytest.mark.parametrize("optim", ["am_adamw", "adamw"])
+def test_nan_gradients_skip_the_update_one_process(train_overrides, tmp_path, monkeypatch, optim):
+    monkeypatch.setenv("AMLLM_TEST_NAN_GRAD_AT_STEP", "3")
+    run = tmp_path / "run"
+    over = train_overrides(run, **{"train.max_steps": 4, "checkpoint.every": 1, "checkpoint.keep": 10,
+                                   "train.nonfinite": "skip", "optim.name": optim, "optim.impl": "fused"})
+    assert train.main(over) == 0
+    assert _weights_equal(_model_at(run, 2), _model_at(run, 3))
+    assert not _weights_equal(_model_at(run, 3), _model_at(run, 4))
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_nan_gradients_under_deepspeed_are_caught_before_the_update(train_overrides, tmp_path):
+    """Fails on the old code: skip was refused under DeepSpeed, and the guard saw a zero placeholder
+    norm, so NaN gradients (finite loss) reached the weights."""
+    pytest.importorskip("deepspeed")
+    common = {"parallel.backend": "deepspeed", "parallel.deepspeed_config": "configs/deepspeed/zero2_fp32.json",
+              "train.micro_batch_size": 1, "train.max_steps": 4, "checkpoint.every": 1, "checkpoint.keep": 10,
+              "eval.every": 0}
+    env = {**DS_ENV, "AMLLM_TEST_NAN_GRAD_AT_STEP": "3", "AMLLM_TEST_NAN_RANK": "1"}
+    skip = tmp_path / "skip"
+    rc, out = run_cli(deepspeed_cli(2) + train_overrides(skip, **common, **{"train.nonfinite": "skip"}), env)
+    assert rc == 0, out[-3000:]
+    assert "step 3: non-finite gradient norm; update skipped (1 so far)" in out
+    assert _weights_equal(_model_at(skip, 2), _model_at(skip, 3))
+    assert not _weights_equal(_model_at(skip, 3), _model_at(skip, 4))
+    stop = tmp_path / "stop"
+    rc, out = run_cli(deepspeed_cli(2) + train_overrides(stop, **common), env)
+    assert rc == train.NONFINITE_EXIT, out[-3000:]
+    assert "error: step 3: non-finite gradient norm; stopped without saving" in out
+    assert sorted(p.name for p in stop.glob("step-*")) == ["step-1", "step-2"]

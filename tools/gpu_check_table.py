@@ -1,0 +1,281 @@
+"""The one table of tools/gpu_check.sh, from its parts.tsv, logs and run directories.
+
+    python tools/gpu_check_table.py runs/gpu_check [--mode gpu|cpu|dry] [--out FILE.md]
+    python tools/gpu_check_table.py --validate runs/gpu_check   # (dry run) every train.py line parses
+
+parts.tsv: one line per part, ``name <TAB> status <TAB> seconds <TAB> command or note``; status is the
+exit code, ``timeout@Ns``, ``na`` (an interface not in this checkout), ``skipped`` or ``dry``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# bf16 dense peak, TFLOP/s, by device name (the MFU denominator)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
+
+WHAT = {
+    "install": "install the carried wheels (.whl/)",
+    "prepare": "tokenize the embedded corpus (mistral-v1)",
+    "optim_tests": "optimizer tests vs float64 oracle (all paths, fp32+bf16)",
+    "perf60m": "LLaMA-60M bf16 compiled: tokens/s, TFLOP/s, MFU, peak mem",
+    "sync_debug": "sync debug mode 'error' on unlogged steps",
+}
+
+
+def read_parts(w: Path) -> list[dict]:
+    parts = []
+    for line in (w / "parts.tsv").read_text().splitlines():
+        name, status, secs, note = (line.split("\t", 3) + [""] * 4)[:4]
+        parts.append({"name": name, "status": status, "secs": int(secs or 0), "note": note})
+    return parts
+
+
+def records(run_dir: Path, kind: str = "train") -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("kind") == kind:
+            out.append(rec)
+    return out
+
+
+def last_error(log: Path) -> str:
+    """The most telling line of a failed part's log: the last exception/error line."""
+    if not log.is_file():
+        return "no log"
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.search(r"(Error|error:|Exception|FAILED|Traceback)", ln) and not ln.startswith("File "):
+            return ln[:160]
+    return lines[-1][:160] if lines else "empty log"
+
+
+def describe_what(name: str) -> str:
+    if name in WHAT:
+        return WHAT[name]
+    if name.startswith("bench_"):
+        _, shapes, dtype = name.split("_", 2)
+        return f"optimizer step, {shapes.upper()} shapes, {dtype}"
+    if name.startswith("smoke_"):
+        rest = name[len("smoke_"):]
+        compiled = rest.endswith("_compile")
+        backend = rest.removesuffix("_compile").replace("zero2_offload", "DeepSpeed ZeRO-2 + CPU offload")
+        backend = backend.replace("zero2", "DeepSpeed ZeRO-2").replace("ddp", "DDP path (1 process)")
+        backend = backend.replace("fsdp2", "FSDP2 (torchrun, 1 process)")
+        return f"train.py smoke: {backend}, bf16, {'compiled' if compiled else 'eager'}"
+    if name.startswith("study_"):
+        opt, wu = name[len("study_"):].rsplit("_", 1)
+        return f"warmup study, LLaMA-20M: {opt}, {'warmup' if wu == 'warmup' else 'no warmup'}"
+    return name
+
+
+def bench_figures(log: str) -> str:
+    ms = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^\s+(\S.*?)\s+([\d.]+) ms/step", log, re.M)}
+    launches = {m.group(1).strip(): m.group(2) for m in
+                re.finditer(r"^\s+(\S.*?)\s+.*?([\d.]+) launches/step", log, re.M)}
+    ams = [k for k in ms if k.startswith("AM")]
+    am = next((k for k in ("AMAdamW default (auto)", "AMAdamW fused") if k in ms), ams[0] if ams else None)
+    base = ms.get("AdamW fused")
+    if am is None or base is None:
+        return "no ms/step lines in the output"
+    out = f"{am} {ms[am]:.2f} ms vs AdamW fused {base:.2f} ms = **{ms[am] / base:.2f}x**"
+    others = [f"{k.removeprefix('AMAdamW ')} {ms[k] / base:.2f}x" for k in ams if k != am]
+    if others:
+        out += f" ({', '.join(others)})"
+    if am in launches and "AdamW fused" in launches:
+        out += f"; launches/step {launches[am]} vs {launches['AdamW fused']}"
+    else:
+        out += "; launches/step n/a (not printed by the bench)"
+    return out
+
+
+def train_figures(run_dir: Path) -> str:
+    recs = records(run_dir)
+    if not recs:
+        return "no metrics"
+    first, last = recs[0], recs[-1]
+    out = f"{len(recs)} logs to step {last['step']}, loss {first['loss']:.3f} → {last['loss']:.3f}"
+    evals = records(run_dir, "eval")
+    if evals:
+        out += f", val {evals[-1]['val_loss']:.3f}"
+    return out
+
+
+def perf_figures(run_dir: Path, mem_file: Path) -> str:
+    recs = records(run_dir)[1:]  # the first log includes compilation
+    if not recs:
+        return "no metrics after the first log"
+    tps = statistics.median(r["tokens_per_s"] for r in recs)
+    tflops = statistics.median(r["tflops"] for r in recs)
+    out = f"{tps:,.0f} tokens/s, {tflops:.1f} TFLOP/s"
+    peak = _peak_tflops()
+    out += f", MFU {100 * tflops / peak:.1f}% (of {peak:.0f} bf16 dense)" if peak else ", MFU n/a (unknown GPU peak)"
+    mem_key = next((k for k in ("peak_mem_gib", "max_memory_allocated_gib", "peak_memory_gib") if k in recs[-1]), None)
+    if mem_key:
+        out += f", peak {recs[-1][mem_key]:.1f} GiB (metrics)"
+    elif mem_file.is_file() and mem_file.read_text().split():
+        mib = max(int(x) for x in mem_file.read_text().split() if x.isdigit())
+        out += f", peak {mib / 1024:.1f} GiB (nvidia-smi, whole GPU)"
+    else:
+        out += ", peak memory n/a"
+    return out
+
+
+def _peak_tflops() -> float | None:
+    try:
+        import torch
+
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    except Exception:
+        return None
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def study_figures(run_dir: Path) -> str:
+    recs = records(run_dir)
+    if not recs:
+        return "no metrics"
+    out = f"step {recs[-1]['step']}: train loss {recs[-1]['loss']:.3f}"
+    evals = records(run_dir, "eval")
+    if evals:
+        out += f", val loss **{evals[-1]['val_loss']:.3f}**"
+    lows = [r["beta_min"] for r in recs if r.get("beta_min") is not None]
+    highs = [r["beta_max"] for r in recs if r.get("beta_max") is not None]
+    if lows:
+        out += f", β in [{min(lows):.3f}, {max(highs):.3f}]"
+    return out
+
+
+def figures(part: dict, w: Path) -> str:
+    name, log = part["name"], w / "logs" / f"{part['name']}.log"
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    if name == "optim_tests":
+        m = re.findall(r"^=*\s*(\d+ (?:passed|failed|error|tests collected).*?)\s*=*$", text, re.M)
+        return m[-1] if m else "no pytest summary"
+    if name.startswith("bench_"):
+        return bench_figures(text)
+    if name == "perf60m":
+        return perf_figures(w / "perf60m", w / "logs" / "perf60m.mem")
+    if name.startswith("study_"):
+        return study_figures(w / name)
+    if name.startswith("smoke_") or name == "sync_debug":
+        return train_figures(w / name.removeprefix("smoke_"))
+    if name == "prepare":
+        m = re.search(r"train ([\d,]+) tokens.*val ([\d,]+) tokens", text)
+        return f"train {m.group(1)} / val {m.group(2)} tokens" if m else ""
+    return part["note"]
+
+
+def row(part: dict, w: Path) -> tuple[str, str, str]:
+    s = part["status"]
+    if s == "na":
+        return "n/a", f"({part['note']})", "-"
+    if s == "skipped":
+        return "skipped", part["note"], "-"
+    if s == "dry":
+        return "dry-run", "command printed above", "-"
+    secs = f"{part['secs']} s"
+    if s == "0":
+        return "ok", figures(part, w), secs
+    cut = s.startswith("timeout")
+    fig = figures(part, w) if part["name"].startswith("study_") else ""
+    why = f"cut at its budget ({s[8:]})" if cut else f"exit {s}: {last_error(w / 'logs' / (part['name'] + '.log'))}"
+    return ("cut" if cut and fig and fig != "no metrics" else "FAIL"), (f"{fig}; {why}" if fig else why), secs
+
+
+def table(w: Path, mode: str, total_s: int) -> str:
+    head = {"gpu": "GPU", "cpu": "CPU (--cpu: tiny sizes, not GPU figures)", "dry": "dry run (nothing executed)"}[mode]
+    lines = [f"### tools/gpu_check.sh — {head}, {total_s} s", "", "| part | result | figures | time |",
+             "| --- | --- | --- | --- |"]
+    for part in read_parts(w):
+        result, fig, secs = row(part, w)
+        lines.append(f"| {describe_what(part['name'])} | {result} | {fig.replace('|', '/')} | {secs} |")
+    return "\n".join(lines) + "\n"
+
+
+def study_steps(w: Path, budget_s: float, max_steps: int, runs: int = 4, batch: int = 1024, seq: int = 256) -> int:
+    """Steps of LLaMA-20M each of the ``runs`` concurrent study runs can finish in ``budget_s``, from
+    the TFLOP/s that LLaMA-60M sustained alone (compiled) at the same batch, halved for eager mode;
+    40 s are kept for start-up and the final evaluation. Multiples of 10 (the logging interval)."""
+    recs = records(w / "perf60m")[1:]
+    if not recs:
+        return max(10, max_steps // 3)
+    from amllm.config import ModelConfig
+    from amllm.model import flops_per_token, load_llama_config
+
+    hf = load_llama_config(ModelConfig(name="llama_20m"), vocab_size=32000)
+    h = hf.hidden_size  # non-embedding parameters: attention + MLP matrices, and the LM head
+    n = hf.num_hidden_layers * (4 * h * h + 3 * h * hf.intermediate_size) + hf.vocab_size * h
+    step_s = runs * flops_per_token(hf, n, seq) * batch * seq / (0.5 * statistics.median(r["tflops"] for r in recs) * 1e12)
+    steps = int((budget_s - 40) / step_s) // 10 * 10
+    return max(10, min(max_steps, steps))
+
+
+def validate(w: Path) -> int:
+    """Every recorded train.py command line must parse into a config (and its DeepSpeed JSON validate)."""
+    from amllm.config import ConfigError, load_config
+    from amllm.parallel.deepspeed_backend import validate_ds_config
+    from train import parse_args
+
+    bad = 0
+    for part in read_parts(w):
+        argv = shlex.split(part["note"]) if part["status"] == "dry" else []
+        if "train.py" not in argv:
+            continue
+        args = parse_args(argv[argv.index("train.py") + 1:])
+        try:
+            cfg = load_config(args.config, args.overrides)
+            cfg.total_steps()
+            if cfg.parallel.backend == "deepspeed":
+                validate_ds_config(cfg.parallel.deepspeed_config, cfg, world_size=1)
+        except ConfigError as e:
+            print(f"error: {part['name']}: {e}", file=sys.stderr)
+            bad += 1
+    return 1 if bad else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workdir", type=Path)
+    ap.add_argument("--mode", default="gpu", choices=["gpu", "cpu", "dry"])
+    ap.add_argument("--total-s", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="also write the table here (Markdown)")
+    ap.add_argument("--validate", action="store_true", help="check the dry run's train.py command lines")
+    ap.add_argument("--study-steps", nargs=2, type=int, metavar=("BUDGET_S", "MAX_STEPS"),
+                    help="print the warmup study's steps that fit BUDGET_S (from the LLaMA-60M speed)")
+    args = ap.parse_args(argv)
+    if args.study_steps:
+        print(study_steps(args.workdir, *args.study_steps))
+        return 0
+    if not (args.workdir / "parts.tsv").is_file():
+        print(f"error: no parts.tsv in {args.workdir}; run bash tools/gpu_check.sh first", file=sys.stderr)
+        return 2
+    if args.validate:
+        return validate(args.workdir)
+    if args.mode == "dry":  # the commands in full, above the table
+        print("".join(f"{p['name']}: {p['note'].strip()}\n" for p in read_parts(args.workdir) if p["status"] == "dry"))
+    text = table(args.workdir, args.mode, args.total_s)
+    print(text, end="")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
