@@ -80,16 +80,15 @@ def test_host_read_counter_sees_every_kind_of_read():
 
 
 def test_planted_item_in_a_quiet_step_fails(train_overrides, tmp_path, monkeypatch):
-    """The trainer-level check is not blind: one `.item()` in the loss of a quiet step stops the run."""
-    real = train.lm_loss
+    """The trainer-level check is not blind: one `.item()` on the loss of a quiet step stops the run."""
+    real = faults.poison_loss
 
-    def lm_loss_with_a_sync(logits, y):
-        loss = real(logits, y)
+    def poison_loss_with_a_sync(loss, step, rank):
         loss.item()  # planted
-        return loss
+        return real(loss, step, rank)
 
-    monkeypatch.setattr(train, "lm_loss", lm_loss_with_a_sync)
-    with pytest.raises(HostReadError, match=r"lm_loss_with_a_sync"):
+    monkeypatch.setattr(faults, "poison_loss", poison_loss_with_a_sync)
+    with pytest.raises(HostReadError, match=r"poison_loss_with_a_sync"):
         train.main(quiet(train_overrides, tmp_path / "run", **{"optim.name": "adamw", "optim.impl": "fused"}))
 
 
