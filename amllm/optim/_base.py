@@ -6,6 +6,7 @@ The update math lives in ``functional.py``; this module only turns torch's
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 import torch
@@ -19,6 +20,43 @@ from .reduce import is_dtensor, local, resolve_reducer
 # β hyper-parameters are properties of the shared β, hence optimizer-wide.
 _BETA_KEYS = ("beta_policy", "beta_min", "restart_threshold", "restart_low", "per_layer")
 _AM_STATE_KEYS = ("pi", "last_beta", "beta_step", "fallback_count")
+
+
+#: ``torch.compile(opt.step)`` runs the eager step: Dynamo would trace the host-side
+#: bookkeeping (β state, layer map, group dicts) into a graph that does not write it back
+#: (silently wrong results); the kernels the step calls are already fused.
+eager_step = torch._dynamo.disable(
+    recursive=True,
+    reason="amllm optimizers run their step eagerly under torch.compile (see docs/optimizer.md)")
+
+
+#: Attributes kept by pickling/deepcopy besides torch's, with the value for older pickles.
+_PICKLED = {"_impl": "auto", "reducer": None, "_beta_state": None, "_explicit_layers": None,
+            "_force_beta": None, "found_inf": None, "skip_nonfinite": False, "_last_skipped": None}
+
+
+def _is_process_group(reducer) -> bool:
+    # torch.distributed only when it is already imported: a ProcessGroup implies it is.
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and isinstance(reducer, dist.ProcessGroup)
+
+
+def refuse(opt: str, name: str, value, default, why: str) -> None:
+    """A torch.optim keyword accepted for signature compatibility, at its default only."""
+    if value != default:
+        raise ValueError(f"{opt} does not support {name}={value!r}: {why}")
+
+
+def signed_grads(grads: list, group: dict) -> list:
+    """The gradients a step uses: negated copies for ``maximize`` (ascent on f is descent on
+    -f, including the β solve), else the gradients themselves."""
+    return torch._foreach_neg(grads) if group["maximize"] and grads else grads
+
+
+def _beta_max_message(values: list) -> str:
+    return (f"beta_max is optimizer-wide (all groups share the β), but param groups have {values}; "
+            f"a momentum scheduler (OneCycleLR/CyclicLR cycle_momentum=True) must give every group "
+            f"the same max_momentum/base_momentum")
 
 
 def _check(ok: bool, name: str, value: Any, rule: str) -> None:
@@ -71,17 +109,14 @@ class AMOptimizerBase(Optimizer):
         self._impl = ("fused" if fused else "forloop" if foreach is False else "foreach"
                       if foreach or fused is False else "auto")
         self.reducer = reducer
-        self._reduce_resolved = False
-        self._reduce_fn = None
-        self._plain_weight = 1.0
+        self._reset_caches()
         self._beta_state: Optional[BetaState] = None
-        self._layer_cache = None
         self._explicit_layers: Optional[tuple[dict, int]] = None
         #: Test-only hook: when not None, every β is forced to this value (after the
         #: policy; π and the state follow it). Not a user option.
         self._force_beta: Optional[float] = None
-        #: The packed sums of the last step after reduction, ``[L, K+1]`` (for logging).
-        self.last_sums: Optional[Tensor] = None
+        #: ``last_sums``: the packed sums of the last step after reduction, ``[L, K+1]``
+        #: (for logging; set by ``_reset_caches``).
         #: Skip protocol (as GradScaler's): a 0-d tensor set by the caller before ``step()``;
         #: nonzero skips the whole step (params, moments, step counts, β state unchanged;
         #: the reducer is still called once). None: no flag.
@@ -90,14 +125,24 @@ class AMOptimizerBase(Optimizer):
         #: rank), decided identically on every rank without another collective.
         self.skip_nonfinite = bool(skip_nonfinite)
         self._last_skipped: Optional[Tensor] = None
-        self._not_skipped: dict = {}  # device -> a constant False (steps that could not skip)
         super().__init__(params, defaults)
+
+    def _reset_caches(self) -> None:
+        """Derived per-process values, rebuilt on demand (also after unpickling)."""
+        self._reduce_resolved = False
+        self._reduce_fn = None
+        self._plain_weight = 1.0
+        self._layer_cache = None
+        self._not_skipped: dict = {}  # device -> a constant False (steps that could not skip)
+        self.last_sums: Optional[Tensor] = None
 
     # -- param groups ---------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         group = dict(param_group)
+        self._upgrade_group(group)
         params = group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
+        # a generator is consumed here: hand torch the list
+        group["params"] = params = [params] if isinstance(params, Tensor) else list(params)
         for p in params:
             if torch.is_complex(p):
                 raise ValueError(f"{self._name} does not support complex parameters (got {p.dtype})")
@@ -112,23 +157,40 @@ class AMOptimizerBase(Optimizer):
                     f"{group[k]!r}, the optimizer {self.defaults[k]!r}"
                 )
         if self._beta_max(group) != self._beta_max(self.defaults):
-            raise ValueError(
-                f"beta_max is optimizer-wide (all groups share the β): a param group has "
-                f"{self._beta_max(group)}, the optimizer {self._beta_max(self.defaults)}"
-            )
+            raise ValueError(_beta_max_message([self._beta_max(self.defaults), self._beta_max(group)]))
         if not isinstance(group["layer_per_group"], bool):
             raise ValueError(f"Invalid layer_per_group: {group['layer_per_group']!r} (must be a bool)")
         self._validate_group(group)
         super().add_param_group(group)
         self._layer_cache = None
 
+    def __getstate__(self) -> dict:
+        """torch's fields plus what a step needs (kernel path, β state, explicit layer map,
+        skip settings, reducer); caches are rebuilt after loading. Hooks are dropped, as
+        torch's optimizers drop them."""
+        if _is_process_group(self.reducer):
+            raise TypeError(
+                f"{self._name} with a ProcessGroup reducer cannot be pickled or deep-copied (a process "
+                f"group belongs to its process): save state_dict() and build the optimizer again")
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in _PICKLED})
+        return state
+
     def __setstate__(self, state: dict) -> None:
+        # torch's load_state_dict calls this too, with only state and param_groups.
         super().__setstate__(state)
+        for k, v in _PICKLED.items():  # pickles from before a field existed
+            self.__dict__.setdefault(k, v)
+        self._reset_caches()
         for group in self.param_groups:  # dicts saved before these keys existed
+            self._upgrade_group(group)
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
             group.setdefault("layer_per_group", False)
             group.setdefault("prev_lr", None)
+
+    def _upgrade_group(self, group: dict) -> None:
+        """Rename keys of older group dicts in place (subclasses)."""
 
     def _beta_max(self, group: dict) -> float:
         raise NotImplementedError
@@ -136,9 +198,17 @@ class AMOptimizerBase(Optimizer):
     def _validate_group(self, group: dict) -> None:
         raise NotImplementedError
 
+    def _current_beta_max(self) -> float:
+        """β_max of this step: the groups' value, which a momentum scheduler may change
+        (OneCycleLR/CyclicLR ``cycle_momentum``), equal in all groups (the β is shared)."""
+        values = [self._beta_max(g) for g in self.param_groups] or [self._beta_max(self.defaults)]
+        if any(v != values[0] for v in values):
+            raise ValueError(_beta_max_message(values))
+        return values[0]
+
     def _beta_config(self) -> BetaConfig:
         d = self.defaults
-        return BetaConfig(self._beta_max(d), d["beta_policy"], d["beta_min"], d["restart_threshold"],
+        return BetaConfig(self._current_beta_max(), d["beta_policy"], d["beta_min"], d["restart_threshold"],
                           d["restart_low"])
 
     # -- layers ---------------------------------------------------------------------
@@ -201,8 +271,8 @@ class AMOptimizerBase(Optimizer):
         n_layers = self._layers()[1]
         if self._beta_state is None:
             device, dtype = self._stats_device_dtype()
-            self._beta_state = BetaState.fresh(n_layers, self._beta_max(self.defaults), device, dtype)
-        self._beta_state = self._beta_state.resized(n_layers, self._beta_max(self.defaults))
+            self._beta_state = BetaState.fresh(n_layers, self._current_beta_max(), device, dtype)
+        self._beta_state = self._beta_state.resized(n_layers, self._current_beta_max())
         return self._beta_state
 
     def _reducer(self):
@@ -291,7 +361,7 @@ class AMOptimizerBase(Optimizer):
         state_dict = dict(state_dict)
         am = state_dict.pop("am_state", None)
         super().load_state_dict(state_dict)
-        fresh = BetaState.fresh(self._layers()[1], self._beta_max(self.defaults),
+        fresh = BetaState.fresh(self._layers()[1], self._current_beta_max(),
                                 *self._stats_device_dtype())
         am = dict(am or {})
         for k in _AM_STATE_KEYS:

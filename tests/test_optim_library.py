@@ -1,0 +1,185 @@
+"""AM-AdamW / AM-SGD as a drop-in torch.optim library (issue 12): torch.compile, pickling,
+foreign state dicts, momentum schedulers, torch's keywords, β introspection.
+
+References are independent of the code under test: eager runs, torch's own optimizers.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+
+from amllm.optim import AMSGD, AMAdamW
+
+OPTS = [AMAdamW, AMSGD]
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+
+
+def _grads(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    model.zero_grad()
+    model(torch.randn(5, 4, generator=g)).pow(2).sum().backward()
+
+
+def _flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _run(cls, steps, impl=None, compiled=False, seed=0, opt=None, model=None, **kw):
+    model = model or _model()
+    opt = opt or cls(model.parameters(), lr=0.1, **kw)
+    if impl:
+        opt._impl = impl
+    step = torch.compile(opt.step) if compiled else opt.step
+    for i in range(steps):
+        _grads(model, seed + i)
+        step()
+    return model, opt
+
+
+# -- 1. torch.compile(opt.step) ---------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["forloop", "foreach", "cpp", "triton"])
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("cls", OPTS)
+def test_compiled_step_matches_eager(cls, per_layer, impl):
+    torch._dynamo.reset()
+    eager, e_opt = _run(cls, 3, impl, per_layer=per_layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning from the optimizer under compile
+        warnings.filterwarnings("ignore", message=".*jit.script_method.*")  # torch's own
+        comp, c_opt = _run(cls, 3, impl, compiled=True, per_layer=per_layer)
+    assert torch.equal(_flat(eager), _flat(comp))
+    assert torch.equal(e_opt.last_beta, c_opt.last_beta)
+    assert int(c_opt.beta_state.beta_step.min()) == 3
+
+
+# -- 2. deepcopy / pickle ---------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("cls", OPTS)
+def test_copy_then_step_continues(cls, how):
+    model, opt = _run(cls, 2, per_layer=True, foreach=False, skip_nonfinite=True)
+    opt.set_layer_map({p: i for i, p in enumerate(model.parameters())}, 4)
+    clone_m, clone = ((copy.deepcopy((model, opt))) if how == "deepcopy"
+                      else pickle.loads(pickle.dumps((model, opt))))
+    assert clone._impl == "forloop" and clone.skip_nonfinite and clone._explicit_layers is not None
+    _run(cls, 2, seed=7, model=model, opt=opt)
+    _run(cls, 2, seed=7, model=clone_m, opt=clone)
+    assert torch.equal(_flat(model), _flat(clone_m))
+    assert torch.equal(opt.last_beta, clone.last_beta)
+    assert torch.equal(opt.beta_state.pi, clone.beta_state.pi)
+
+
+@pytest.mark.parametrize("cls", OPTS)
+def test_old_pickle_loads(cls):
+    """A pickle of the old layout (torch's three fields only) loads and steps (β state fresh)."""
+    model, opt = _run(cls, 1)
+    old = {"defaults": dict(opt.defaults), "state": opt.state, "param_groups": opt.param_groups}
+    if cls is AMSGD:  # groups of before `momentum`
+        for g in [old["defaults"], *old["param_groups"]]:
+            g["beta_max"] = g.pop("momentum")
+    clone = cls.__new__(cls)
+    clone.__setstate__(pickle.loads(pickle.dumps(old)))
+    assert clone._impl == "auto" and clone.skip_nonfinite is False
+    for g in clone.param_groups:
+        for p in g["params"]:
+            p.grad = torch.ones_like(p)
+    clone.step()
+    assert int(clone.beta_state.beta_step[0]) == 1
+
+
+def test_process_group_reducer_refuses_pickle(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        opt = AMAdamW(_model().parameters(), reducer=dist.group.WORLD)
+        with pytest.raises(TypeError, match="ProcessGroup reducer cannot be pickled"):
+            pickle.dumps(opt)
+        with pytest.raises(TypeError, match="state_dict"):
+            copy.deepcopy(opt)
+    finally:
+        dist.destroy_process_group()
+
+
+# -- 4. momentum schedulers -------------------------------------------------------------------
+@pytest.mark.parametrize("cls", OPTS)
+def test_one_cycle_momentum_is_used(cls):
+    """OneCycleLR(cycle_momentum=True) drives β_max: with the β forced to β_max-bounded policy
+    "restart" (β ≥ θ -> β_max), the β used is the scheduled one, as read back from the groups."""
+    model = _model()
+    kw = dict(beta_policy="restart", restart_threshold=0.0)  # β = β_max every step
+    opt = cls(model.parameters(), lr=0.1, **kw)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10, cycle_momentum=True,
+                                                base_momentum=0.5, max_momentum=0.95)
+    key = "betas" if cls is AMAdamW else "momentum"
+    for i in range(4):
+        m = opt.param_groups[0][key]
+        m = m[0] if cls is AMAdamW else m
+        _grads(model, i)
+        opt.step()
+        sched.step()
+        assert float(opt.last_beta) == pytest.approx(m, abs=1e-6)
+    assert float(opt.last_beta) < 0.95  # the schedule moved it
+
+
+def test_beta_max_must_agree_across_groups_at_step():
+    model = _model()
+    opt = AMAdamW([{"params": model[0].parameters()}, {"params": model[1].parameters()}])
+    opt.param_groups[1]["betas"] = (0.8, 0.999)
+    _grads(model, 0)
+    with pytest.raises(ValueError, match="optimizer-wide.*cycle_momentum=True"):
+        opt.step()
+
+
+def test_sgd_beta_max_alias_and_old_groups():
+    p = [torch.nn.Parameter(torch.ones(2))]
+    assert AMSGD(p, lr=0.1, beta_max=0.8).defaults["momentum"] == 0.8
+    opt = AMSGD([{"params": p, "beta_max": 0.7}], lr=0.1, momentum=0.7)
+    assert opt.param_groups[0]["momentum"] == 0.7 and "beta_max" not in opt.param_groups[0]
+    with pytest.raises(ValueError, match="disagree"):
+        AMSGD(p, lr=0.1, momentum=0.5, beta_max=0.8)
+
+
+# -- 5. torch's keywords ----------------------------------------------------------------------
+@pytest.mark.parametrize("cls,kw,why", [
+    (AMAdamW, dict(capturable=True), "CUDA graphs"), (AMAdamW, dict(differentiable=True), "autograd"),
+    (AMAdamW, dict(amsgrad=True), "running max"), (AMSGD, dict(nesterov=True), "Nesterov"),
+    (AMSGD, dict(dampening=0.1), "already dampened"),
+])
+def test_unsupported_keywords_refused_with_reason(cls, kw, why):
+    with pytest.raises(ValueError, match=f"^{cls.__name__} does not support {next(iter(kw))}=.*{why}"):
+        cls(_model().parameters(), lr=0.1, **kw)
+    cls(_model().parameters(), lr=0.1, **{k: type(v)() for k, v in kw.items()})  # defaults accepted
+
+
+@pytest.mark.parametrize("impl", ["forloop", "foreach"])
+@pytest.mark.parametrize("cls", OPTS)
+def test_maximize_is_descent_on_negated_loss(cls, impl):
+    """maximize=True on f equals minimising -f (independent reference: the sign-flipped loss)."""
+    m_max, m_neg = _model(), _model()
+    o_max = cls(m_max.parameters(), lr=0.1, maximize=True, per_layer=True)
+    o_neg = cls(m_neg.parameters(), lr=0.1, per_layer=True)
+    o_max._impl = o_neg._impl = impl
+    for i in range(3):
+        for m, o, sign in ((m_max, o_max, 1.0), (m_neg, o_neg, -1.0)):
+            g = torch.Generator().manual_seed(i)
+            m.zero_grad()
+            (sign * m(torch.randn(5, 4, generator=g)).pow(2).sum()).backward()
+            o.step()
+    assert torch.equal(_flat(m_max), _flat(m_neg))
+    assert torch.equal(o_max.last_beta, o_neg.last_beta)
+
+
+def test_torch_adamw_keywords_accepted_at_defaults():
+    """AdamW's full keyword set at its defaults constructs (drop-in signature)."""
+    AMAdamW(_model().parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False,
+            maximize=False, foreach=None, capturable=False, differentiable=False, fused=None)
+    AMSGD(_model().parameters(), lr=1e-3, momentum=0.9, dampening=0, weight_decay=0, nesterov=False,
+          maximize=False, foreach=None, fused=None)
