@@ -183,3 +183,89 @@ def test_torch_adamw_keywords_accepted_at_defaults():
             maximize=False, foreach=None, capturable=False, differentiable=False, fused=None)
     AMSGD(_model().parameters(), lr=1e-3, momentum=0.9, dampening=0, weight_decay=0, nesterov=False,
           maximize=False, foreach=None, fused=None)
+
+
+# -- 3. foreign and mismatched state dicts ----------------------------------------------------
+def _one_warning(fn):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        fn()
+    assert len(w) == 1, [str(x.message) for x in w]
+    return str(w[0].message)
+
+
+def test_adamw_state_loads_into_am_adamw_as_d_and_v():
+    """AdamW's exp_avg/exp_avg_sq become d and v, β state fresh, this optimizer's settings kept;
+    the reference is torch AdamW's own state."""
+    model = _model()
+    adamw = torch.optim.AdamW(model.parameters(), lr=0.5, betas=(0.5, 0.9), amsgrad=True)
+    for i in range(2):
+        _grads(model, i)
+        adamw.step()
+    am = AMAdamW(model.parameters(), lr=0.01, betas=(0.8, 0.99))
+    msg = _one_warning(lambda: am.load_state_dict(adamw.state_dict()))
+    assert "exp_avg/exp_avg_sq become d and v" in msg
+    g = am.param_groups[0]
+    assert g["lr"] == 0.01 and g["betas"] == (0.8, 0.99) and "amsgrad" not in g
+    for p in model.parameters():
+        assert torch.equal(am.state[p]["exp_avg"], adamw.state[p]["exp_avg"])
+        assert torch.equal(am.state[p]["exp_avg_sq"], adamw.state[p]["exp_avg_sq"])
+        assert set(am.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert int(am.beta_state.beta_step[0]) == 0 and float(am.beta_state.pi[0]) == 1.0
+    _grads(model, 5)
+    am.step()
+
+
+@pytest.mark.parametrize("src,dst,msg", [
+    (lambda p: AMAdamW(p), lambda p: AMSGD(p, lr=0.1), "AMAdamW state dict into AMSGD: optimizer type"),
+    (lambda p: AMSGD(p, lr=0.1), lambda p: AMAdamW(p), "AMSGD state dict into AMAdamW: optimizer type"),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda p: AMSGD(p, lr=0.1),
+     "torch SGD state dict into AMSGD: torch SGD's momentum_buffer is β·d \\+ g"),
+    (lambda p: AMAdamW(p, per_layer=True), lambda p: AMAdamW(p), "AMAdamW state dict with per_layer=True into one with per_layer=False"),
+    (lambda p: AMSGD(p, lr=0.1), lambda p: AMSGD(p, lr=0.1, per_layer=True), "AMSGD state dict with per_layer=False into one"),
+])
+def test_mismatched_state_dict_refused_in_one_line(src, dst, msg):
+    model = _model()
+    a = src(model.parameters())
+    _grads(model, 0)
+    a.step()
+    b = dst(model.parameters())
+    with pytest.raises(ValueError, match=f"^cannot load a {msg}") as e:
+        b.load_state_dict(a.state_dict())
+    assert "\n" not in str(e.value)
+    assert len(b.state) == 0  # nothing half-loaded
+
+
+def test_layer_count_mismatch_refused():
+    model = _model()
+    a = AMAdamW([{"params": model.parameters(), "layer_per_group": True}], per_layer=True)
+    _grads(model, 0)
+    a.step()
+    b = AMAdamW(model.parameters(), per_layer=True)
+    with pytest.raises(ValueError, match="^cannot load a AMAdamW state dict with 1 β layers into one with 4"):
+        b.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("cls", OPTS)
+def test_older_am_state_dict_loads_with_one_warning(cls, tmp_path):
+    """A dict of before am_state/am_optimizer/momentum loads: β state fresh, one warning; a
+    current dict goes through torch.load(weights_only=True)."""
+    model, opt = _run(cls, 2)
+    sd = opt.state_dict()
+    torch.save(sd, tmp_path / "o.pt")
+    assert torch.load(tmp_path / "o.pt", weights_only=True)["am_optimizer"] == cls.__name__
+    old = copy.deepcopy(sd)
+    del old["am_state"], old["am_optimizer"]
+    for g in old["param_groups"]:
+        g.pop("maximize")
+        if cls is AMSGD:
+            g["beta_max"] = g.pop("momentum")
+    new = cls(model.parameters(), lr=0.1)
+    assert "am_state" in _one_warning(lambda: new.load_state_dict(old))
+    assert int(new.beta_state.beta_step[0]) == 0
+    assert new.param_groups[0]["maximize"] is False
+    assert cls is AMAdamW or new.param_groups[0]["momentum"] == 0.9
+    new.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cls(model.parameters(), lr=0.1).load_state_dict(sd)  # a current dict: silent

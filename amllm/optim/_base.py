@@ -7,6 +7,7 @@ The update math lives in ``functional.py``; this module only turns torch's
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -57,6 +58,29 @@ def _beta_max_message(values: list) -> str:
     return (f"beta_max is optimizer-wide (all groups share the β), but param groups have {values}; "
             f"a momentum scheduler (OneCycleLR/CyclicLR cycle_momentum=True) must give every group "
             f"the same max_momentum/base_momentum")
+
+
+def _kind_of(sd: dict) -> str:
+    """Which optimizer saved a dict without ``am_optimizer`` (older AM dicts, torch's):
+    AM groups carry ``lam``; AdamW-like groups ``betas``, SGD-like ``momentum``."""
+    groups = sd.get("param_groups") or [{}]
+    am = "lam" in groups[0]
+    if "betas" in groups[0]:
+        return "AMAdamW" if am else "torch AdamW"
+    if "momentum" in groups[0] or "beta_max" in groups[0]:
+        return "AMSGD" if am else "torch SGD"
+    return "unknown optimizer's"
+
+
+#: Why a state dict of another optimizer is refused (the ``(saved, loading)`` pair).
+_WHY = {
+    ("torch SGD", "AMSGD"): "torch SGD's momentum_buffer is β·d + g, AM-SGD's d is the convex "
+                            "combination ((β+λ)d + (1-β)g)/(1+λ)",
+    ("AMAdamW", "AMSGD"): "optimizer type differs (AM-SGD has no v, and its d and β state follow another rule)",
+    ("AMSGD", "AMAdamW"): "optimizer type differs (AM-SGD has no v, and its d and β state follow another rule)",
+    ("torch SGD", "AMAdamW"): "optimizer type differs (SGD has no second moment v)",
+    ("torch AdamW", "AMSGD"): "optimizer type differs (AdamW's moments are not AM-SGD's d)",
+}
 
 
 def _check(ok: bool, name: str, value: Any, rule: str) -> None:
@@ -144,6 +168,7 @@ class AMOptimizerBase(Optimizer):
         # a generator is consumed here: hand torch the list
         group["params"] = params = [params] if isinstance(params, Tensor) else list(params)
         for p in params:
+            p = p[1] if isinstance(p, tuple) else p  # torch accepts named_parameters()
             if torch.is_complex(p):
                 raise ValueError(f"{self._name} does not support complex parameters (got {p.dtype})")
         for k, v in self.defaults.items():
@@ -347,20 +372,64 @@ class AMOptimizerBase(Optimizer):
 
     # -- checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict:
-        """torch's dict plus ``"am_state"``: {pi, last_beta, beta_step, fallback_count}.
+        """torch's dict plus ``"am_state"``: {pi, last_beta, beta_step, fallback_count}, and
+        ``"am_optimizer"``: the class name (tells a foreign dict from ours on load).
 
-        All entries are tensors or Python scalars (``torch.load(weights_only=True)``
+        All entries are tensors or Python scalars/strings (``torch.load(weights_only=True)``
         works). The previous lr lives in each param group as ``"prev_lr"``.
         """
         sd = super().state_dict()
         sd["am_state"] = {k: v.detach().clone() for k, v in self._get_beta_state().to_dict().items()}
+        sd["am_optimizer"] = self._name
         return sd
 
+    def _check_layout(self, sd: dict, am: Optional[dict]) -> None:
+        """One of our dicts: refuse another β layout before anything is loaded (it would
+        half-load and fail a step later)."""
+        groups = sd.get("param_groups") or [{}]
+        saved = groups[0].get("per_layer", False)
+        if saved != self.defaults["per_layer"]:
+            raise ValueError(f"cannot load a {self._name} state dict with per_layer={saved} into one with "
+                             f"per_layer={self.defaults['per_layer']}: the β layouts differ")
+        n = self._layers()[1]
+        if am is not None and "pi" in am and am["pi"].numel() != n:
+            raise ValueError(f"cannot load a {self._name} state dict with {am['pi'].numel()} β layers into one "
+                             f"with {n}: the param groups or the layer map differ")
+
+    def _from_adamw(self, sd: dict) -> dict:
+        """torch AdamW's dict as ours: moments kept as d and v, our groups' settings."""
+        if len(sd["param_groups"]) != len(self.param_groups):
+            raise ValueError(f"cannot load a torch AdamW state dict with {len(sd['param_groups'])} param groups "
+                             f"into {self._name} with {len(self.param_groups)}")
+        groups = [{**{k: v for k, v in ours.items() if k != "params"}, "params": saved["params"]}
+                  for ours, saved in zip(self.param_groups, sd["param_groups"])]
+        state = {i: {k: st[k] for k in ("step", "exp_avg", "exp_avg_sq") if k in st}
+                 for i, st in sd["state"].items()}
+        return {"state": state, "param_groups": groups}
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads dicts with or without ``"am_state"`` (missing entries start fresh)."""
+        """Loads this optimizer's dicts (older ones too), torch AdamW's into AMAdamW, and
+        refuses the rest with a one-line error; see "Checkpoints" in docs/optimizer.md."""
         state_dict = dict(state_dict)
         am = state_dict.pop("am_state", None)
+        kind = state_dict.pop("am_optimizer", None) or _kind_of(state_dict)
+        note = None
+        if kind == "torch AdamW" and self._name == "AMAdamW":
+            state_dict = self._from_adamw(state_dict)
+            am, note = None, ("loaded a torch AdamW state dict into AMAdamW: exp_avg/exp_avg_sq become d and v, "
+                              "the β state starts fresh, AdamW-only group keys are dropped and this "
+                              "optimizer's hyper-parameters are kept")
+        elif kind != self._name:
+            why = _WHY.get((kind, self._name), "the per-parameter state means something else")
+            raise ValueError(f"cannot load a {kind} state dict into {self._name}: {why}")
+        else:
+            self._check_layout(state_dict, am)
+            if am is None:
+                note = (f"{self._name} state dict without am_state (saved by an older version): "
+                        f"the β state starts fresh (first-step rule, π = 1)")
         super().load_state_dict(state_dict)
+        if note:
+            warnings.warn(note, UserWarning, stacklevel=2)
         fresh = BetaState.fresh(self._layers()[1], self._current_beta_max(),
                                 *self._stats_device_dtype())
         am = dict(am or {})
