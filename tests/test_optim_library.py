@@ -269,3 +269,25 @@ def test_older_am_state_dict_loads_with_one_warning(cls, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cls(model.parameters(), lr=0.1).load_state_dict(sd)  # a current dict: silent
+
+
+# -- 6. β introspection -----------------------------------------------------------------------
+def test_layer_of_and_beta_by_layer():
+    model = _model()
+    opt = AMAdamW([{"params": model[0].parameters(), "layer_per_group": True, "name": "block0"},
+                   {"params": model[1].parameters()}], per_layer=True)
+    _grads(model, 0)
+    opt.step()
+    w, b = model[1].weight, model[1].bias
+    assert [opt.layer_of(p) for p in model.parameters()] == [0, 0, 1, 2]
+    beta = opt.last_beta.tolist()  # independent: the raw vector, ordered as layer_of says
+    assert opt.beta_by_layer(model.named_parameters()) == {"block0": beta[0], "1.weight": beta[1],
+                                                           "1.bias": beta[2]}
+    assert opt.beta_by_layer({w: "w"}) == {"block0": beta[0], "w": beta[1], 2: beta[2]}
+    assert opt.beta_by_layer() == {"block0": beta[0], 1: beta[1], 2: beta[2]}
+    named = AMSGD(model.named_parameters(), lr=0.1, per_layer=True)  # torch's param_names
+    assert list(named.beta_by_layer()) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    glob = AMSGD(model.parameters(), lr=0.1)
+    assert glob.layer_of(b) == 0 and glob.beta_by_layer(model.named_parameters()) == {0: pytest.approx(0.9)}
+    with pytest.raises(KeyError):
+        glob.layer_of(torch.nn.Parameter(torch.ones(1)))

@@ -361,6 +361,37 @@ class AMOptimizerBase(Optimizer):
         beta = self._get_beta_state().last_beta
         return beta if self.defaults["per_layer"] else beta[0]
 
+    def layer_of(self, param: Tensor) -> int:
+        """The index of the β ``param`` uses (its entry in ``last_beta``)."""
+        layers = self._layers()[0]
+        if param not in layers:
+            raise KeyError(f"parameter of shape {tuple(param.shape)} is not in this {self._name}")
+        if isinstance(layers[param], Tensor):
+            raise ValueError("this parameter's elements belong to several layers (set_layer_map)")
+        return layers[param]
+
+    def beta_by_layer(self, names=None) -> dict:
+        """The β of the last step per layer, as Python floats (one host read).
+
+        Keys: the group's ``"name"`` for a ``layer_per_group`` group that has one; for a
+        one-tensor layer, its parameter name from ``names`` (``model.named_parameters()``
+        or a ``{param: name}`` map) or from torch's ``param_names`` (an optimizer built
+        from ``named_parameters()``); else the layer index (global β: ``{0: β}``)."""
+        betas = self._get_beta_state().last_beta.tolist()
+        if names is None:
+            names = {p: n for g in self.param_groups for p, n in zip(g["params"], g.get("param_names", ()))}
+        elif not isinstance(names, dict):
+            names = {p: n for n, p in names}
+        keys = {}
+        if self.defaults["per_layer"] and self._explicit_layers is None:
+            layers = self._layers()[0]
+            for g in self.param_groups:
+                for p in g["params"]:
+                    key = g.get("name") if g["layer_per_group"] else names.get(p)
+                    if key is not None:
+                        keys[layers[p]] = key
+        return {keys.get(i, i): b for i, b in enumerate(betas)}
+
     @property
     def fallback_count(self) -> Tensor:
         """0-d int64 tensor: steps (per_layer: layer-steps) that hit the C <= 0 fallback."""
