@@ -204,6 +204,8 @@ class AMOptimizerBase(Optimizer):
     def __setstate__(self, state: dict) -> None:
         # torch's load_state_dict calls this too, with only state and param_groups.
         super().__setstate__(state)
+        # torch adds this for its own optimizers; ours refuse the option (not a group key)
+        self.defaults.pop("differentiable", None)
         for k, v in _PICKLED.items():  # pickles from before a field existed
             self.__dict__.setdefault(k, v)
         self._reset_caches()
