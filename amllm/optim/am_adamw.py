@@ -76,7 +76,8 @@ class AMAdamW(AMOptimizerBase):
         capturable, differentiable, amsgrad: torch AdamW's; only the default False is
             accepted (the error says why).
 
-    Attributes: ``last_beta`` (0-d or ``[n_layers]`` tensor on device),
+    Attributes: ``last_beta`` (0-d or ``[n_layers]`` tensor on device; ``layer_of(param)``
+    indexes it, ``beta_by_layer(names)`` labels it as a dict of floats),
     ``fallback_count`` (0-d int64 tensor), ``last_sums`` ([L, 5] = A, B, C, D, count),
     ``found_inf`` (set by the caller before ``step()``: a 0-d tensor, nonzero skips the whole
     step, as GradScaler's; the reducer is still called), ``skip_nonfinite``,
