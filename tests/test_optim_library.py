@@ -225,8 +225,10 @@ def test_adamw_state_loads_into_am_adamw_as_d_and_v():
     (lambda p: AMSGD(p, lr=0.1), lambda p: AMAdamW(p), "AMSGD state dict into AMAdamW: optimizer type"),
     (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda p: AMSGD(p, lr=0.1),
      "torch SGD state dict into AMSGD: torch SGD's momentum_buffer is β·d \\+ g"),
-    (lambda p: AMAdamW(p, per_layer=True), lambda p: AMAdamW(p), "AMAdamW state dict with per_layer=True into one with per_layer=False"),
-    (lambda p: AMSGD(p, lr=0.1), lambda p: AMSGD(p, lr=0.1, per_layer=True), "AMSGD state dict with per_layer=False into one"),
+    (lambda p: AMAdamW(p, per_layer=True), lambda p: AMAdamW(p),
+     "AMAdamW state dict with per_layer=True into one with per_layer=False"),
+    (lambda p: AMSGD(p, lr=0.1), lambda p: AMSGD(p, lr=0.1, per_layer=True),
+     "AMSGD state dict with per_layer=False into one"),
 ])
 def test_mismatched_state_dict_refused_in_one_line(src, dst, msg):
     model = _model()

@@ -116,7 +116,7 @@ class AMAdamW(AMOptimizerBase):
     ):
         refuse(self._name, "capturable", capturable, False,
                "a step runs host-side bookkeeping (lr ratio, group walk) that CUDA graphs cannot capture; "
-               "its counters and β state already live on the device, so it never syncs")
+               "its counters and β state already live on the device, and the fused kernels read no host value")
         refuse(self._name, "differentiable", differentiable, False,
                "the step runs fused kernels under no_grad; autograd through the β solve is not supported")
         refuse(self._name, "amsgrad", amsgrad, False,

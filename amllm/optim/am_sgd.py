@@ -33,9 +33,9 @@ class AMSGD(AMOptimizerBase):
     d is a convex combination of d and g (dampened), unlike ``torch.optim.SGD``'s
     d ← β d + g (so ``dampening`` and ``nesterov`` are refused). ``momentum`` is β_max
     (torch SGD's name, which ``OneCycleLR(cycle_momentum=True)`` schedules; ``beta_max=`` is
-    an alias). ``maximize=True`` ascends (the gradient is negated). Without the clip λ cancels exactly (β(λ) = β(0)(1+λ) - λ); λ acts
-    only through the clip, as a floor λ/(1+λ) of memory. Groups, layers, reducer,
-    policies, attributes (``found_inf``, ``skip_nonfinite``, ``last_skipped`` included) and
+    an alias). ``maximize=True`` ascends (the gradient is negated). Without the clip λ
+    cancels exactly (β(λ) = β(0)(1+λ) - λ); λ acts only through the clip, as a floor
+    λ/(1+λ) of memory. Groups, layers, reducer, policies, attributes (``found_inf``, ``skip_nonfinite``, ``last_skipped`` included) and
     checkpoints: as :class:`AMAdamW`. ``foreach``: as AMAdamW; ``fused=True``: the C++
     kernels on CPU (as AMAdamW; foreach where they cannot be built: there are no compiled
     AM-SGD kernels), the multi-tensor Triton kernels on CUDA. Per-param state:
