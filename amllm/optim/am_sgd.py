@@ -37,9 +37,10 @@ class AMSGD(AMOptimizerBase):
     cancels exactly (β(λ) = β(0)(1+λ) - λ); λ acts only through the clip, as a floor
     λ/(1+λ) of memory. Groups, layers, reducer, policies, attributes (``found_inf``,
     ``skip_nonfinite``, ``last_skipped`` included), β introspection and checkpoints: as
-    :class:`AMAdamW`. ``foreach``: as AMAdamW; ``fused=True``: the C++ kernels on CPU (as AMAdamW; foreach where they cannot be built: there are no compiled
-    AM-SGD kernels), the multi-tensor Triton kernels on CUDA. Per-param state:
-    ``momentum_buffer`` (not created by a skipped step). ``last_sums`` is [L, 4] = A, B, C, count.
+    :class:`AMAdamW`. ``foreach``: as AMAdamW; ``fused=True``: the C++ kernels on CPU (as
+    AMAdamW; foreach where they cannot be built: there are no compiled AM-SGD kernels), the
+    multi-tensor Triton kernels on CUDA. Per-param state: ``momentum_buffer`` (not created
+    by a skipped step). ``last_sums`` is [L, 4] = A, B, C, count.
     """
 
     _name = "AMSGD"
