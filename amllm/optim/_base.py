@@ -6,6 +6,8 @@ The update math lives in ``functional.py``; this module only turns torch's
 
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -19,6 +21,66 @@ from .reduce import is_dtensor, local, resolve_reducer
 # β hyper-parameters are properties of the shared β, hence optimizer-wide.
 _BETA_KEYS = ("beta_policy", "beta_min", "restart_threshold", "restart_low", "per_layer")
 _AM_STATE_KEYS = ("pi", "last_beta", "beta_step", "fallback_count")
+
+
+#: ``torch.compile(opt.step)`` runs the eager step: Dynamo would trace the host-side
+#: bookkeeping (β state, layer map, group dicts) into a graph that does not write it back
+#: (silently wrong results); the kernels the step calls are already fused.
+eager_step = torch._dynamo.disable(
+    recursive=True,
+    reason="amllm optimizers run their step eagerly under torch.compile (see docs/optimizer.md)")
+
+
+#: Attributes kept by pickling/deepcopy besides torch's, with the value for older pickles.
+_PICKLED = {"_impl": "auto", "reducer": None, "_beta_state": None, "_explicit_layers": None,
+            "_force_beta": None, "found_inf": None, "skip_nonfinite": False, "_last_skipped": None}
+
+
+def _is_process_group(reducer) -> bool:
+    # torch.distributed only when it is already imported: a ProcessGroup implies it is.
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and isinstance(reducer, dist.ProcessGroup)
+
+
+def refuse(opt: str, name: str, value, default, why: str) -> None:
+    """A torch.optim keyword accepted for signature compatibility, at its default only."""
+    if value != default:
+        raise ValueError(f"{opt} does not support {name}={value!r}: {why}")
+
+
+def signed_grads(grads: list, group: dict) -> list:
+    """The gradients a step uses: negated copies for ``maximize`` (ascent on f is descent on
+    -f, including the β solve), else the gradients themselves."""
+    return torch._foreach_neg(grads) if group["maximize"] and grads else grads
+
+
+def _beta_max_message(values: list) -> str:
+    return (f"beta_max is optimizer-wide (all groups share the β), but param groups have {values}; "
+            f"a momentum scheduler (OneCycleLR/CyclicLR cycle_momentum=True) must give every group "
+            f"the same max_momentum/base_momentum")
+
+
+def _kind_of(sd: dict) -> str:
+    """Which optimizer saved a dict without ``am_optimizer`` (older AM dicts, torch's):
+    AM groups carry ``lam``; AdamW-like groups ``betas``, SGD-like ``momentum``."""
+    groups = sd.get("param_groups") or [{}]
+    am = "lam" in groups[0]
+    if "betas" in groups[0]:
+        return "AMAdamW" if am else "torch AdamW"
+    if "momentum" in groups[0] or "beta_max" in groups[0]:
+        return "AMSGD" if am else "torch SGD"
+    return "unknown optimizer's"
+
+
+#: Why a state dict of another optimizer is refused (the ``(saved, loading)`` pair).
+_WHY = {
+    ("torch SGD", "AMSGD"): "torch SGD's momentum_buffer is β·d + g, AM-SGD's d is the convex "
+                            "combination ((β+λ)d + (1-β)g)/(1+λ)",
+    ("AMAdamW", "AMSGD"): "optimizer type differs (AM-SGD has no v, and its d and β state follow another rule)",
+    ("AMSGD", "AMAdamW"): "optimizer type differs (AM-SGD has no v, and its d and β state follow another rule)",
+    ("torch SGD", "AMAdamW"): "optimizer type differs (SGD has no second moment v)",
+    ("torch AdamW", "AMSGD"): "optimizer type differs (AdamW's moments are not AM-SGD's d)",
+}
 
 
 def _check(ok: bool, name: str, value: Any, rule: str) -> None:
@@ -71,17 +133,14 @@ class AMOptimizerBase(Optimizer):
         self._impl = ("fused" if fused else "forloop" if foreach is False else "foreach"
                       if foreach or fused is False else "auto")
         self.reducer = reducer
-        self._reduce_resolved = False
-        self._reduce_fn = None
-        self._plain_weight = 1.0
+        self._reset_caches()
         self._beta_state: Optional[BetaState] = None
-        self._layer_cache = None
         self._explicit_layers: Optional[tuple[dict, int]] = None
         #: Test-only hook: when not None, every β is forced to this value (after the
         #: policy; π and the state follow it). Not a user option.
         self._force_beta: Optional[float] = None
-        #: The packed sums of the last step after reduction, ``[L, K+1]`` (for logging).
-        self.last_sums: Optional[Tensor] = None
+        #: ``last_sums``: the packed sums of the last step after reduction, ``[L, K+1]``
+        #: (for logging; set by ``_reset_caches``).
         #: Skip protocol (as GradScaler's): a 0-d tensor set by the caller before ``step()``;
         #: nonzero skips the whole step (params, moments, step counts, β state unchanged;
         #: the reducer is still called once). None: no flag.
@@ -90,15 +149,26 @@ class AMOptimizerBase(Optimizer):
         #: rank), decided identically on every rank without another collective.
         self.skip_nonfinite = bool(skip_nonfinite)
         self._last_skipped: Optional[Tensor] = None
-        self._not_skipped: dict = {}  # device -> a constant False (steps that could not skip)
         super().__init__(params, defaults)
+
+    def _reset_caches(self) -> None:
+        """Derived per-process values, rebuilt on demand (also after unpickling)."""
+        self._reduce_resolved = False
+        self._reduce_fn = None
+        self._plain_weight = 1.0
+        self._layer_cache = None
+        self._not_skipped: dict = {}  # device -> a constant False (steps that could not skip)
+        self.last_sums: Optional[Tensor] = None
 
     # -- param groups ---------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         group = dict(param_group)
+        self._upgrade_group(group)
         params = group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
+        # a generator is consumed here: hand torch the list
+        group["params"] = params = [params] if isinstance(params, Tensor) else list(params)
         for p in params:
+            p = p[1] if isinstance(p, tuple) else p  # torch accepts named_parameters()
             if torch.is_complex(p):
                 raise ValueError(f"{self._name} does not support complex parameters (got {p.dtype})")
         for k, v in self.defaults.items():
@@ -112,23 +182,42 @@ class AMOptimizerBase(Optimizer):
                     f"{group[k]!r}, the optimizer {self.defaults[k]!r}"
                 )
         if self._beta_max(group) != self._beta_max(self.defaults):
-            raise ValueError(
-                f"beta_max is optimizer-wide (all groups share the β): a param group has "
-                f"{self._beta_max(group)}, the optimizer {self._beta_max(self.defaults)}"
-            )
+            raise ValueError(_beta_max_message([self._beta_max(self.defaults), self._beta_max(group)]))
         if not isinstance(group["layer_per_group"], bool):
             raise ValueError(f"Invalid layer_per_group: {group['layer_per_group']!r} (must be a bool)")
         self._validate_group(group)
         super().add_param_group(group)
         self._layer_cache = None
 
+    def __getstate__(self) -> dict:
+        """torch's fields plus what a step needs (kernel path, β state, explicit layer map,
+        skip settings, reducer); caches are rebuilt after loading. Hooks are dropped, as
+        torch's optimizers drop them."""
+        if _is_process_group(self.reducer):
+            raise TypeError(
+                f"{self._name} with a ProcessGroup reducer cannot be pickled or deep-copied (a process "
+                f"group belongs to its process): save state_dict() and build the optimizer again")
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in _PICKLED})
+        return state
+
     def __setstate__(self, state: dict) -> None:
+        # torch's load_state_dict calls this too, with only state and param_groups.
         super().__setstate__(state)
+        # torch adds this for its own optimizers; ours refuse the option (not a group key)
+        self.defaults.pop("differentiable", None)
+        for k, v in _PICKLED.items():  # pickles from before a field existed
+            self.__dict__.setdefault(k, v)
+        self._reset_caches()
         for group in self.param_groups:  # dicts saved before these keys existed
+            self._upgrade_group(group)
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
             group.setdefault("layer_per_group", False)
             group.setdefault("prev_lr", None)
+
+    def _upgrade_group(self, group: dict) -> None:
+        """Rename keys of older group dicts in place (subclasses)."""
 
     def _beta_max(self, group: dict) -> float:
         raise NotImplementedError
@@ -136,9 +225,17 @@ class AMOptimizerBase(Optimizer):
     def _validate_group(self, group: dict) -> None:
         raise NotImplementedError
 
+    def _current_beta_max(self) -> float:
+        """β_max of this step: the groups' value, which a momentum scheduler may change
+        (OneCycleLR/CyclicLR ``cycle_momentum``), equal in all groups (the β is shared)."""
+        values = [self._beta_max(g) for g in self.param_groups] or [self._beta_max(self.defaults)]
+        if any(v != values[0] for v in values):
+            raise ValueError(_beta_max_message(values))
+        return values[0]
+
     def _beta_config(self) -> BetaConfig:
         d = self.defaults
-        return BetaConfig(self._beta_max(d), d["beta_policy"], d["beta_min"], d["restart_threshold"],
+        return BetaConfig(self._current_beta_max(), d["beta_policy"], d["beta_min"], d["restart_threshold"],
                           d["restart_low"])
 
     # -- layers ---------------------------------------------------------------------
@@ -201,8 +298,8 @@ class AMOptimizerBase(Optimizer):
         n_layers = self._layers()[1]
         if self._beta_state is None:
             device, dtype = self._stats_device_dtype()
-            self._beta_state = BetaState.fresh(n_layers, self._beta_max(self.defaults), device, dtype)
-        self._beta_state = self._beta_state.resized(n_layers, self._beta_max(self.defaults))
+            self._beta_state = BetaState.fresh(n_layers, self._current_beta_max(), device, dtype)
+        self._beta_state = self._beta_state.resized(n_layers, self._current_beta_max())
         return self._beta_state
 
     def _reducer(self):
@@ -270,6 +367,37 @@ class AMOptimizerBase(Optimizer):
         beta = self._get_beta_state().last_beta
         return beta if self.defaults["per_layer"] else beta[0]
 
+    def layer_of(self, param: Tensor) -> int:
+        """The index of the β ``param`` uses (its entry in ``last_beta``)."""
+        layers = self._layers()[0]
+        if param not in layers:
+            raise KeyError(f"parameter of shape {tuple(param.shape)} is not in this {self._name}")
+        if isinstance(layers[param], Tensor):
+            raise ValueError("this parameter's elements belong to several layers (set_layer_map)")
+        return layers[param]
+
+    def beta_by_layer(self, names=None) -> dict:
+        """The β of the last step per layer, as Python floats (one host read).
+
+        Keys: the group's ``"name"`` for a ``layer_per_group`` group that has one; for a
+        one-tensor layer, its parameter name from ``names`` (``model.named_parameters()``
+        or a ``{param: name}`` map) or from torch's ``param_names`` (an optimizer built
+        from ``named_parameters()``); else the layer index (global β: ``{0: β}``)."""
+        betas = self._get_beta_state().last_beta.tolist()
+        if names is None:
+            names = {p: n for g in self.param_groups for p, n in zip(g["params"], g.get("param_names", ()))}
+        elif not isinstance(names, dict):
+            names = {p: n for n, p in names}
+        keys = {}
+        if self.defaults["per_layer"] and self._explicit_layers is None:
+            layers = self._layers()[0]
+            for g in self.param_groups:
+                for p in g["params"]:
+                    key = g.get("name") if g["layer_per_group"] else names.get(p)
+                    if key is not None:
+                        keys[layers[p]] = key
+        return {keys.get(i, i): b for i, b in enumerate(betas)}
+
     @property
     def fallback_count(self) -> Tensor:
         """0-d int64 tensor: steps (per_layer: layer-steps) that hit the C <= 0 fallback."""
@@ -281,21 +409,65 @@ class AMOptimizerBase(Optimizer):
 
     # -- checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict:
-        """torch's dict plus ``"am_state"``: {pi, last_beta, beta_step, fallback_count}.
+        """torch's dict plus ``"am_state"``: {pi, last_beta, beta_step, fallback_count}, and
+        ``"am_optimizer"``: the class name (tells a foreign dict from ours on load).
 
-        All entries are tensors or Python scalars (``torch.load(weights_only=True)``
+        All entries are tensors or Python scalars/strings (``torch.load(weights_only=True)``
         works). The previous lr lives in each param group as ``"prev_lr"``.
         """
         sd = super().state_dict()
         sd["am_state"] = {k: v.detach().clone() for k, v in self._get_beta_state().to_dict().items()}
+        sd["am_optimizer"] = self._name
         return sd
 
+    def _check_layout(self, sd: dict, am: Optional[dict]) -> None:
+        """One of our dicts: refuse another β layout before anything is loaded (it would
+        half-load and fail a step later)."""
+        groups = sd.get("param_groups") or [{}]
+        saved = groups[0].get("per_layer", False)
+        if saved != self.defaults["per_layer"]:
+            raise ValueError(f"cannot load a {self._name} state dict with per_layer={saved} into one with "
+                             f"per_layer={self.defaults['per_layer']}: the β layouts differ")
+        n = self._layers()[1]
+        if am is not None and "pi" in am and am["pi"].numel() != n:
+            raise ValueError(f"cannot load a {self._name} state dict with {am['pi'].numel()} β layers into one "
+                             f"with {n}: the param groups or the layer map differ")
+
+    def _from_adamw(self, sd: dict) -> dict:
+        """torch AdamW's dict as ours: moments kept as d and v, our groups' settings."""
+        if len(sd["param_groups"]) != len(self.param_groups):
+            raise ValueError(f"cannot load a torch AdamW state dict with {len(sd['param_groups'])} param groups "
+                             f"into {self._name} with {len(self.param_groups)}")
+        groups = [{**{k: v for k, v in ours.items() if k != "params"}, "params": saved["params"]}
+                  for ours, saved in zip(self.param_groups, sd["param_groups"])]
+        state = {i: {k: st[k] for k in ("step", "exp_avg", "exp_avg_sq") if k in st}
+                 for i, st in sd["state"].items()}
+        return {"state": state, "param_groups": groups}
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads dicts with or without ``"am_state"`` (missing entries start fresh)."""
+        """Loads this optimizer's dicts (older ones too), torch AdamW's into AMAdamW, and
+        refuses the rest with a one-line error; see "Checkpoints" in docs/optimizer.md."""
         state_dict = dict(state_dict)
         am = state_dict.pop("am_state", None)
+        kind = state_dict.pop("am_optimizer", None) or _kind_of(state_dict)
+        note = None
+        if kind == "torch AdamW" and self._name == "AMAdamW":
+            state_dict = self._from_adamw(state_dict)
+            am, note = None, ("loaded a torch AdamW state dict into AMAdamW: exp_avg/exp_avg_sq become d and v, "
+                              "the β state starts fresh, AdamW-only group keys are dropped and this "
+                              "optimizer's hyper-parameters are kept")
+        elif kind != self._name:
+            why = _WHY.get((kind, self._name), "the per-parameter state means something else")
+            raise ValueError(f"cannot load a {kind} state dict into {self._name}: {why}")
+        else:
+            self._check_layout(state_dict, am)
+            if am is None:
+                note = (f"{self._name} state dict without am_state (saved by an older version): "
+                        f"the β state starts fresh (first-step rule, π = 1)")
         super().load_state_dict(state_dict)
-        fresh = BetaState.fresh(self._layers()[1], self._beta_max(self.defaults),
+        if note:
+            warnings.warn(note, UserWarning, stacklevel=2)
+        fresh = BetaState.fresh(self._layers()[1], self._current_beta_max(),
                                 *self._stats_device_dtype())
         am = dict(am or {})
         for k in _AM_STATE_KEYS:

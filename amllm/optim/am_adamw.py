@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ._base import AMOptimizerBase, _check, validate_common
+from ._base import AMOptimizerBase, _check, eager_step, refuse, signed_grads, validate_common
 from .functional import AdamWGroup, am_adamw
 from .reduce import local
 
@@ -49,7 +49,8 @@ class AMAdamW(AMOptimizerBase):
     Args:
         params: iterable of parameters or param groups. Per-group keys: ``lr``,
             ``betas`` (only β2 may differ between groups), ``eps``, ``weight_decay``,
-            ``lam``, ``layer_per_group``.
+            ``lam``, ``layer_per_group``, ``maximize``. β_max is the groups' ``betas[0]`` at
+            step time (a momentum scheduler may change it) and must be equal in all groups.
         lr: η (LR schedulers change ``group["lr"]`` as usual).
         betas: (β_max, β2); β_max takes AdamW's β1 place.
         eps: ε. weight_decay: μ (decoupled). lam: λ ≥ 0, the proximal weight.
@@ -71,8 +72,12 @@ class AMAdamW(AMOptimizerBase):
             (``_FUSED_MIN_NUMEL``), foreach below.
         skip_nonfinite: skip a step whose all-reduced sums are not all finite (a NaN/inf
             gradient on any rank), on every rank alike. See also ``found_inf``.
+        maximize: ascend (the gradient is negated; per group).
+        capturable, differentiable, amsgrad: torch AdamW's; only the default False is
+            accepted (the error says why).
 
-    Attributes: ``last_beta`` (0-d or ``[n_layers]`` tensor on device),
+    Attributes: ``last_beta`` (0-d or ``[n_layers]`` tensor on device; ``layer_of(param)``
+    indexes it, ``beta_by_layer(names)`` labels it as a dict of floats),
     ``fallback_count`` (0-d int64 tensor), ``last_sums`` ([L, 5] = A, B, C, D, count),
     ``found_inf`` (set by the caller before ``step()``: a 0-d tensor, nonzero skips the whole
     step, as GradScaler's; the reducer is still called), ``skip_nonfinite``,
@@ -104,11 +109,23 @@ class AMAdamW(AMOptimizerBase):
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         skip_nonfinite: bool = False,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        amsgrad: bool = False,
     ):
+        refuse(self._name, "capturable", capturable, False,
+               "a step runs host-side bookkeeping (lr ratio, group walk) that CUDA graphs cannot capture; "
+               "its counters and β state already live on the device, and the fused kernels read no host value")
+        refuse(self._name, "differentiable", differentiable, False,
+               "the step runs fused kernels under no_grad; autograd through the β solve is not supported")
+        refuse(self._name, "amsgrad", amsgrad, False,
+               "β and the bias correction are solved for AdamW's v; a running max of v is another method")
         self._validate_group(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lam=lam))
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lam=lam,
                         per_layer=per_layer, beta_policy=beta_policy, beta_min=beta_min,
-                        restart_threshold=restart_threshold, restart_low=restart_low)
+                        restart_threshold=restart_threshold, restart_low=restart_low,
+                        maximize=bool(maximize))
         super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused,
                          skip_nonfinite=skip_nonfinite)
 
@@ -123,6 +140,7 @@ class AMAdamW(AMOptimizerBase):
         _check(0.0 <= betas[1] < 1.0, "beta2", betas[1], "in [0, 1)")
         _check(group["eps"] > 0.0, "eps", group["eps"], "> 0")
 
+    @eager_step
     @torch.no_grad()
     def step(self, closure=None):
         """One AM-AdamW step. Params whose grad is None are skipped (state untouched)."""
@@ -154,6 +172,7 @@ class AMAdamW(AMOptimizerBase):
                 g.steps.append(state["step"])  # before this step: the kernels use step + 1
                 g.layers.append(layers[p])
                 g.weights.append(self._weight(p))
+            g.grads = signed_grads(g.grads, group)
             steps += g.steps
             groups.append(g)
         self._beta_state, self.last_sums, skip = am_adamw(

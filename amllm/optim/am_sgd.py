@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ._base import AMOptimizerBase, validate_common
+from ._base import AMOptimizerBase, eager_step, refuse, signed_grads, validate_common
 from .functional import SGDGroup, am_sgd
 from .reduce import local
 
@@ -31,13 +31,16 @@ class AMSGD(AMOptimizerBase):
           x   ← x - η_t d
 
     d is a convex combination of d and g (dampened), unlike ``torch.optim.SGD``'s
-    d ← β d + g. Without the clip λ cancels exactly (β(λ) = β(0)(1+λ) - λ); λ acts
-    only through the clip, as a floor λ/(1+λ) of memory. Groups, layers, reducer,
-    policies, attributes (``found_inf``, ``skip_nonfinite``, ``last_skipped`` included) and
-    checkpoints: as :class:`AMAdamW`. ``foreach``: as AMAdamW; ``fused=True``: the C++
-    kernels on CPU (as AMAdamW; foreach where they cannot be built: there are no compiled
-    AM-SGD kernels), the multi-tensor Triton kernels on CUDA. Per-param state:
-    ``momentum_buffer`` (not created by a skipped step). ``last_sums`` is [L, 4] = A, B, C, count.
+    d ← β d + g (so ``dampening`` and ``nesterov`` are refused). ``momentum`` is β_max
+    (torch SGD's name, which ``OneCycleLR(cycle_momentum=True)`` schedules; ``beta_max=`` is
+    an alias). ``maximize=True`` ascends (the gradient is negated). Without the clip λ
+    cancels exactly (β(λ) = β(0)(1+λ) - λ); λ acts only through the clip, as a floor
+    λ/(1+λ) of memory. Groups, layers, reducer, policies, attributes (``found_inf``,
+    ``skip_nonfinite``, ``last_skipped`` included), β introspection and checkpoints: as
+    :class:`AMAdamW`. ``foreach``: as AMAdamW; ``fused=True``: the C++ kernels on CPU (as
+    AMAdamW; foreach where they cannot be built: there are no compiled AM-SGD kernels), the
+    multi-tensor Triton kernels on CUDA. Per-param state: ``momentum_buffer`` (not created
+    by a skipped step). ``last_sums`` is [L, 4] = A, B, C, count.
     """
 
     _name = "AMSGD"
@@ -46,7 +49,7 @@ class AMSGD(AMOptimizerBase):
         self,
         params,
         lr: float,
-        beta_max: float = 0.9,
+        momentum: float = 0.9,
         lam: float = 0.1,
         weight_decay: float = 0.0,
         per_layer: bool = False,
@@ -58,20 +61,38 @@ class AMSGD(AMOptimizerBase):
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         skip_nonfinite: bool = False,
+        maximize: bool = False,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        *,
+        beta_max: Optional[float] = None,
     ):
-        self._validate_group(dict(lr=lr, beta_max=beta_max, lam=lam, weight_decay=weight_decay))
-        defaults = dict(lr=lr, beta_max=beta_max, lam=lam, weight_decay=weight_decay, per_layer=per_layer,
+        if beta_max is not None:  # the name before `momentum` (torch SGD's, which schedulers look for)
+            if momentum not in (0.9, beta_max):
+                raise ValueError(f"momentum={momentum} and its alias beta_max={beta_max} disagree")
+            momentum = beta_max
+        refuse(self._name, "dampening", dampening, 0.0,
+               "AM-SGD's d is already dampened: a convex combination ((β+λ)d + (1-β)g)/(1+λ) with the solved β")
+        refuse(self._name, "nesterov", nesterov, False,
+               "β is solved for the heavy-ball model of d; a Nesterov look-ahead is a different model")
+        self._validate_group(dict(lr=lr, momentum=momentum, lam=lam, weight_decay=weight_decay))
+        defaults = dict(lr=lr, momentum=momentum, lam=lam, weight_decay=weight_decay, per_layer=per_layer,
                         beta_policy=beta_policy, beta_min=beta_min, restart_threshold=restart_threshold,
-                        restart_low=restart_low)
+                        restart_low=restart_low, maximize=bool(maximize))
         super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused,
                          skip_nonfinite=skip_nonfinite)
 
+    def _upgrade_group(self, group: dict) -> None:
+        if "beta_max" in group:  # groups saved before `momentum`, or given with the alias
+            group.setdefault("momentum", group.pop("beta_max"))
+
     def _beta_max(self, group: dict) -> float:
-        return group["beta_max"]
+        return group["momentum"]
 
     def _validate_group(self, group: dict) -> None:
-        validate_common(group["lr"], group["beta_max"], group["lam"], group["weight_decay"])
+        validate_common(group["lr"], group["momentum"], group["lam"], group["weight_decay"])
 
+    @eager_step
     @torch.no_grad()
     def step(self, closure=None):
         """One AM-SGD step. Params whose grad is None are skipped (state untouched)."""
@@ -98,6 +119,7 @@ class AMSGD(AMOptimizerBase):
                 g.layers.append(layers[p])
                 g.weights.append(self._weight(p))
                 owner.append(p)
+            g.grads = signed_grads(g.grads, group)
             groups.append(g)
             owners.append(owner)
         self._beta_state, self.last_sums, skip = am_sgd(
