@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -140,7 +141,10 @@ def load_dcp(path: str | os.PathLike, model: nn.Module, optimizer=None) -> dict:
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        with warnings.catch_warnings():
+            if "am_state" in state:  # torch's loader drops it; restored just below, so no "older dict" note
+                warnings.filterwarnings("ignore", message=r".*state dict without am_state", category=UserWarning)
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if "am_state" in state:
             sd = optimizer.state_dict()
             sd["am_state"] = state["am_state"]
