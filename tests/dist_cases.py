@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import torch
 
@@ -109,6 +110,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_cli(launcher: str, n: int) -> list[str]:
+    """The command that starts train.py on ``n`` local ranks through a real launcher: ``torchrun`` or
+    ``deepspeed`` (append the overrides)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    if launcher == "deepspeed":
+        exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+        return [exe, "--num_gpus", str(n), "--master_port", str(free_port()), "train.py"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+            str(free_port()), "train.py"]
+
+
+def cli_env(**extra: str) -> dict:
+    """The environment of such a run: one thread per rank, DeepSpeed's op cache shared across tests."""
+    root = Path(__file__).resolve().parent.parent
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(root / ".torch_extensions")), **extra}
 
 
 def setup_env(rank: int, world: int, port: int) -> None:

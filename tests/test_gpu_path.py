@@ -14,8 +14,6 @@ update under DeepSpeed too, where the engine measures the norm inside its own st
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, free_port
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from amllm import faults  # noqa: E402
 from amllm.debug import HostReadError, HostReads  # noqa: E402
 from amllm.optim import _triton  # noqa: E402
+from tests.dist_cases import cli_env, train_cli  # noqa: E402
 
 TRITON = {"TRITON_INTERPRET": "1"}
 
@@ -42,22 +41,8 @@ def quiet(train_overrides, run: Path, steps: int = 8, every: int = 4, **extra) -
 
 
 def run_cli(cmd: list[str], env_extra: dict | None = None, timeout: int = 600) -> tuple[int, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=ROOT, env=cli_env(**(env_extra or {})), capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout + p.stderr
-
-
-def torchrun(n: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-            str(free_port()), "train.py"]
-
-
-def deepspeed_cli(n: int) -> list[str]:
-    exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    return [exe, "--num_gpus", str(n), "--master_port", str(free_port()), "train.py"]
-
-
-DS_ENV = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))}
 
 
 # ---- the counter itself can fail -------------------------------------------------------------------
@@ -113,7 +98,7 @@ def test_quiet_steps_make_no_host_read_one_process(train_overrides, tmp_path, mo
 def test_quiet_steps_make_no_host_read_two_ranks(train_overrides, tmp_path, backend):
     over = quiet(train_overrides, tmp_path / "run", **{"parallel.backend": backend, "optim.impl": "triton",
                                                         "train.micro_batch_size": 1})
-    rc, out = run_cli(torchrun(2) + over, TRITON)
+    rc, out = run_cli(train_cli("torchrun", 2) + over, TRITON)
     assert rc == 0, out[-3000:]
 
 
@@ -126,7 +111,7 @@ def test_quiet_steps_make_no_host_read_deepspeed_zero2(train_overrides, tmp_path
     over = quiet(train_overrides, tmp_path / "run", **{
         "parallel.backend": "deepspeed", "parallel.deepspeed_config": "configs/deepspeed/zero2_bf16.json",
         "train.precision": "bf16", "optim.impl": "triton", "train.micro_batch_size": 1})
-    rc, out = run_cli(deepspeed_cli(2) + over, {**TRITON, **DS_ENV})
+    rc, out = run_cli(train_cli("deepspeed", 2) + over, TRITON)
     assert rc == 0, out[-3000:]
 
 
@@ -203,15 +188,15 @@ def test_nan_gradients_under_deepspeed_are_caught_before_the_update(train_overri
     common = {"parallel.backend": "deepspeed", "parallel.deepspeed_config": "configs/deepspeed/zero2_fp32.json",
               "train.micro_batch_size": 1, "train.max_steps": 4, "checkpoint.every": 1, "checkpoint.keep": 10,
               "eval.every": 0}
-    env = {**DS_ENV, "AMLLM_TEST_NAN_GRAD_AT_STEP": "3", "AMLLM_TEST_NAN_RANK": "1"}
+    env = {"AMLLM_TEST_NAN_GRAD_AT_STEP": "3", "AMLLM_TEST_NAN_RANK": "1"}
     skip = tmp_path / "skip"
-    rc, out = run_cli(deepspeed_cli(2) + train_overrides(skip, **common, **{"train.nonfinite": "skip"}), env)
+    rc, out = run_cli(train_cli("deepspeed", 2) + train_overrides(skip, **common, **{"train.nonfinite": "skip"}), env)
     assert rc == 0, out[-3000:]
     assert "step 3: non-finite gradient norm; update skipped (1 so far)" in out
     assert _weights_equal(_model_at(skip, 2), _model_at(skip, 3))
     assert not _weights_equal(_model_at(skip, 3), _model_at(skip, 4))
     stop = tmp_path / "stop"
-    rc, out = run_cli(deepspeed_cli(2) + train_overrides(stop, **common), env)
+    rc, out = run_cli(train_cli("deepspeed", 2) + train_overrides(stop, **common), env)
     assert rc == train.NONFINITE_EXIT, out[-3000:]
     assert "error: step 3: non-finite gradient norm; stopped without saving" in out
     assert sorted(p.name for p in stop.glob("step-*")) == ["step-1", "step-2"]

@@ -8,10 +8,7 @@ every backend with ``checkpoint.allow_changes=[optimizer_hparams]``.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,20 +16,12 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import ROOT, free_port
-
-
-def _launch(backend: str) -> list[str]:
-    if backend == "deepspeed":
-        exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-        return [exe, "--num_gpus", "2", "--master_port", str(free_port()), "train.py"]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(free_port()), "train.py"]
+from tests.dist_cases import cli_env, train_cli
 
 
 def _run(backend: str, over: list[str]) -> tuple[int, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))}
-    p = subprocess.run(_launch(backend) + over, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(train_cli("deepspeed" if backend == "deepspeed" else "torchrun", 2) + over, cwd=ROOT,
+                       env=cli_env(), capture_output=True, text=True, timeout=600)
     return p.returncode, p.stdout + p.stderr
 
 

@@ -44,7 +44,6 @@ are kept in the parameter dtype (state bytes equal torch AdamW's: two tensors pe
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
