@@ -200,3 +200,21 @@ def test_nan_gradients_under_deepspeed_are_caught_before_the_update(train_overri
     assert rc == train.NONFINITE_EXIT, out[-3000:]
     assert "error: step 3: non-finite gradient norm; stopped without saving" in out
     assert sorted(p.name for p in stop.glob("step-*")) == ["step-1", "step-2"]
+
+
+# ---- what runs on an accelerator by default (device branches forced without one) ---------------------
+
+def test_accelerator_defaults_skip_on_the_device():
+    """On CUDA, optim.impl=auto gives torch's fused AdamW/SGD (they take found_inf) and the AM optimizers'
+    fused path (the Triton kernels) whatever the model size; the CPU keeps its size threshold."""
+    from amllm.config import OptimConfig
+    from amllm.optim import AMAdamW
+    from amllm.optim_factory import _impl_kwargs
+
+    cuda = torch.device("cuda")
+    assert _impl_kwargs(OptimConfig(name="adamw"), cuda) == {"fused": True}
+    assert _impl_kwargs(OptimConfig(name="sgd"), cuda) == {"fused": True}
+    assert _impl_kwargs(OptimConfig(name="adamw"), torch.device("cpu")) == {}
+    small_cpu = AMAdamW([torch.nn.Parameter(torch.zeros(8))])
+    small_meta = AMAdamW([torch.nn.Parameter(torch.zeros(8, device="meta"))])  # stands in for a GPU tensor
+    assert small_cpu._resolved_impl() == "foreach" and small_meta._resolved_impl() == "fused"
