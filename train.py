@@ -15,7 +15,6 @@ config.yaml, metrics.jsonl and step-N/ checkpoints; starting again with the same
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -27,8 +26,9 @@ from amllm.cli import require_trainer_dependencies
 
 require_trainer_dependencies()  # an optimizer-only install (pip install amllm) lacks the trainer's packages
 from amllm import checkpoint as ckpt  # noqa: E402
-from amllm import faults
-from amllm.config import ConfigError, load_config, save_config
+from amllm import fault_injection, guard, rundir
+from amllm.checkpoint import Checkpointer
+from amllm.config import ConfigError, load_config
 from amllm.data import BatchSampler, DataError, load_shards, load_tokenizer, prepare, shard_dir, val_batches
 from amllm.data.device import DeviceInputs
 from amllm.debug import no_host_reads
@@ -37,7 +37,7 @@ from amllm.metrics import MetricsLogger, beta_stats, peak_flops, throughput
 from amllm.model import build_model, config_fingerprint, count_params, flops_per_token, load_llama_config
 from amllm.optim_factory import last_beta
 from amllm.parallel import distributed as D
-from amllm.parallel.backend import check_resumable, make_backend
+from amllm.parallel.backend import make_backend
 from amllm.schedule import lr_at
 
 
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     autocast = backend.autocast()
 
     run_dir = Path(cfg.run_dir)
-    faults.check_output_dir(run_dir)  # nothing is written into run_dir until every input is validated
+    rundir.check_output_dir(run_dir)  # nothing is written into run_dir until every input is validated
 
     # ---- data: rank 0 tokenizes (once, cached), everyone memory-maps -----------------------------
     # the others wait on a side group with data.prepare_timeout_s (not NCCL's 30 min), or get rank 0's error
@@ -99,26 +99,18 @@ def main(argv=None) -> int:
     backend.setup(model)
     model, optimizer = backend.model, backend.am_optimizer
 
-    # ---- resume ------------------------------------------------------------------------------------
+    # ---- resume: any checkpoint of this model, from any backend and world size (amllm/checkpoint.py) ------
     meta_now = {"model_fingerprint": config_fingerprint(hf_config), "model": cfg.model.name,
                 "tokenizer_fingerprint": tokenizer.fingerprint, "optimizer": cfg.optim.name,
                 "world_size": info.world_size, "backend": cfg.parallel.backend,
                 "data_fingerprint": ckpt.manifest_fingerprint(manifest)}
-    start_step, tokens_seen, wandb_id, skipped = 0, 0, None, 0
-    resume_from = find_resume(cfg, run_dir, meta_now)
-    if resume_from is not None:
-        check_resumable(ckpt.read_meta(resume_from), backend, info.world_size, resume_from)
-        trainer_state = load_checkpoint(resume_from, backend, optimizer, cfg.optim.name, cfg.checkpoint.allow_changes)
-        start_step, tokens_seen = trainer_state["step"], trainer_state["tokens"]
-        skipped = trainer_state.get("skipped_steps", 0)
-        if "data" in cfg.checkpoint.allow_changes:
-            sampler.step = int(trainer_state["sampler"]["step"])  # another data manifest: position only
-        else:
-            sampler.load_state_dict(trainer_state["sampler"])
-        ckpt.restore_rng(resume_from, info.rank, device, trainer_state)  # this rank's own RNG states
-        wandb_id = trainer_state.get("wandb_id") or None
-        if is_main:
-            print(f"resumed from {resume_from} (step {start_step}, {tokens_seen:,} tokens)")
+    checkpointer = Checkpointer(cfg, info, backend, run_dir, meta_now)
+    resumed = checkpointer.resume(sampler)  # model, optimizer, sampler, this rank's RNG; None: a fresh start
+    resume_from = resumed["path"] if resumed else None
+    start_step, tokens_seen = (resumed["step"], resumed["tokens"]) if resumed else (0, 0)
+    skipped, wandb_id = (resumed.get("skipped_steps", 0), resumed.get("wandb_id") or None) if resumed else (0, None)
+    if is_main and resumed:
+        print(f"resumed from {resume_from} (step {start_step}, {tokens_seen:,} tokens)")
 
     if args.eval_only:
         if resume_from is None:
@@ -130,7 +122,7 @@ def main(argv=None) -> int:
                   f"({result['val_tokens']:,} tokens)")
         return D.finish(0)
 
-    faults.claim_run_dir(cfg, run_dir, is_main, faults.checkpoint_bytes(backend.raw_model, cfg.optim.name))
+    rundir.claim_run_dir(cfg, run_dir, is_main, rundir.checkpoint_bytes(backend.raw_model, cfg.optim.name))
     logger = MetricsLogger(run_dir, is_main, cfg.to_dict(), resume_step=start_step if resume_from else None,
                            wandb_mode=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
                            run_name=cfg.log.run_name or run_dir.name, wandb_id=wandb_id)
@@ -142,34 +134,15 @@ def main(argv=None) -> int:
               f"tokens | {cfg.optim.name} lr {cfg.optim.lr} warmup {cfg.schedule.warmup_steps} | {device} "
               f"{cfg.train.precision}")
 
-    def save(step: int) -> None:
-        state = {"step": step, "tokens": tokens_seen, "sampler": sampler.state_dict(),
-                 "rng_cpu": torch.get_rng_state(), "wandb_id": logger.wandb_id or "", "skipped_steps": guard.skipped,
-                 "optim_hparams": ckpt.optimizer_hparams(optimizer)}
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(device)
-
-        def write(tmp: Path) -> None:
-            model_state, optim_state = backend.state_for_check() if is_main else ({}, {})
-            faults.check_finite_state(model_state, "parameter", step)  # never a NaN in a checkpoint
-            faults.check_finite_state(optim_state, "optimizer state", step)
-            backend.write(tmp, model_state or None, optim_state or None)  # every rank: sharded backends
-            ckpt.save_rng(tmp, info.rank, device)  # every rank: RNG streams differ per rank
-            if is_main:
-                ckpt.test_pause("after-model.pt", run_dir, step)
-                ckpt.save_torch(state, tmp / "trainer.pt")
-                save_config(cfg, tmp / "config.yaml")
-
-        ckpt.save_checkpoint(run_dir, step, {**meta_now, "tokens": tokens_seen}, write, is_main, cfg.checkpoint.keep)
-
     # ---- the training loop -------------------------------------------------------------------------
     stop = StopRequest()  # SIGTERM / SIGINT: finish the step, checkpoint, exit with PREEMPTED_EXIT
     progress = Progress(is_main and cfg.log.progress, start_step, total_steps)
-    # NaN/inf loss or gradient: the update is skipped on the device; at checks: stop | skip (faults.py)
-    guard = faults.NonFiniteGuard(cfg.train.nonfinite, device, skipped, first_step=start_step)
+    # NaN/inf loss or gradient: the update is skipped on the device; at checks: stop | skip (amllm/guard.py)
+    nonfinite = guard.NonFiniteGuard(cfg.train.nonfinite, device, skipped, first_step=start_step)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     to_device = DeviceInputs(device)
     peak = peak_flops(device, cfg.train.precision, cfg.train.tf32)  # for MFU; None on CPU
+    fault_injection.install(backend.raw_model, sampler, info.rank, run_dir)  # tests only: no-op unless asked
     model.train()
     t_last, last_logged = time.perf_counter(), start_step
     for step in range(start_step, total_steps):
@@ -187,18 +160,16 @@ def main(argv=None) -> int:
             # forward/backward over this rank's micro-batches; gradients are synced on the last one only
             loss_sum = torch.zeros((), device=device)
             micro_batches = to_device(sampler.next_batch())  # CUDA: pinned, copied on a side stream; CPU: as is
-            faults.crash_hook(done, info.rank, run_dir)  # test hook (a lost rank); no-op unless set
             for i, (x, y) in enumerate(micro_batches):
                 with backend.micro_step(last=i == accum - 1), autocast:
                     loss = model(input_ids=x, targets=y)  # the mean next-token loss (chunked: train.loss_chunk)
-                    loss = faults.poison_loss(loss, done, info.rank)  # test hook
                 backend.backward(loss, accum)
                 loss_sum += loss.detach()
             # clip, guard (one all-reduce of the flags: non-finite loss/gradient, stop wish), update, zero grads
-            grad_norm = backend.optimizer_step(loss_sum, guard, stop=stop.requested(done))
+            grad_norm = backend.optimizer_step(loss_sum, nonfinite, stop=stop.requested(done))
         tokens_seen += tokens_per_step
         if checks:
-            guard.check(done)  # the host read: skip warnings, or NonFiniteError (stop mode); the agreed stop
+            nonfinite.check(done)  # the host read: skip warnings, or NonFiniteError (stop mode); the agreed stop
 
         if logs:
             loss_avg = D.all_reduce_sum_(loss_sum / accum) / info.world_size
@@ -209,7 +180,7 @@ def main(argv=None) -> int:
             rec = {"kind": "train", "step": done, "tokens": tokens_seen, "loss": loss_val, "lr": lr,
                    "grad_norm": backend.grad_norm(grad_norm),
                    **beta_stats(last_beta(optimizer)),
-                   **speed, "skipped_steps": guard.skipped, "time": time.time()}
+                   **speed, "skipped_steps": nonfinite.skipped, "time": time.time()}
             fallbacks = getattr(optimizer, "fallback_count", None)
             if fallbacks is not None:
                 rec["beta_fallbacks"] = int(fallbacks.item())
@@ -223,15 +194,16 @@ def main(argv=None) -> int:
             result = evaluate(model, val, device, autocast, lockstep=backend.lockstep_eval)
             logger.log({"kind": "eval", "step": done, "tokens": tokens_seen, **result, "time": time.time()})
             progress.write(f"step {done}: val_loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.1f})")
-        if saves or guard.stop_requested:  # a stop agreed by all ranks: one save, also on a cadence step
-            save(done)
+        if saves or nonfinite.stop_requested:  # a stop agreed by all ranks: one save, also on a cadence step
+            checkpointer.save(done, {"tokens": tokens_seen, "sampler": sampler.state_dict(),
+                                     "skipped_steps": nonfinite.skipped, "wandb_id": logger.wandb_id or ""})
         t_last += time.perf_counter() - paused
-        if guard.stop_requested and not last:
+        if nonfinite.stop_requested and not last:
             progress.close()
             logger.close()
             if is_main:
                 print(f"stopped at step {done} ({stop.why or 'another rank was signalled'}); checkpoint saved, run the same command to resume")
-            faults.release_run_dirs()
+            rundir.release_run_dirs()
             return D.finish(PREEMPTED_EXIT)
 
     progress.close()
@@ -239,7 +211,7 @@ def main(argv=None) -> int:
     if is_main:
         (run_dir / "DONE").touch()
         print(f"done: {run_dir}")
-    faults.release_run_dirs()
+    rundir.release_run_dirs()
     return D.finish(0)
 
 
@@ -256,7 +228,7 @@ class StopRequest:
 
     def __init__(self):
         self.why = ""
-        self._at = int(os.environ.get("AMLLM_TEST_STOP_AT_STEP", "0"))
+        self._at = fault_injection.stop_at_step()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -270,70 +242,6 @@ class StopRequest:
             self.why = f"AMLLM_TEST_STOP_AT_STEP={self._at}"
         return bool(self.why)
 
-
-
-def find_resume(cfg, run_dir: Path, meta_now: dict) -> Path | None:
-    """The checkpoint to resume from (checkpoint.resume = auto | never | path), checked for
-    compatibility: another model, tokenizer, optimizer or data is refused with what differs
-    (checkpoint.allow_changes accepts the last two). Auto skips a corrupt latest with a warning."""
-    if cfg.checkpoint.resume == "never":
-        return None
-    if cfg.checkpoint.resume == "auto":  # rank 0 looks, every rank uses its answer (or its error)
-        found = None
-        if faults.is_main_rank():
-            try:
-                found = ckpt.latest_checkpoint(run_dir, validate=ckpt.verify_files, refuse_if_all_damaged=True)
-            except ckpt.CheckpointError as e:
-                found = e
-        found = D.broadcast_object(found)
-        if isinstance(found, ckpt.CheckpointError):
-            raise found
-    else:
-        found = Path(cfg.checkpoint.resume)
-        if not found.is_dir():
-            raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r} is not a directory; "
-                              f"give a step-N/ path, auto or never")
-    if found is None:
-        return None
-    meta = ckpt.read_meta(found)
-    for note in ckpt.check_compatible(found, meta, meta_now, cfg.checkpoint.allow_changes):
-        faults.say(f"[checkpoint] {note}")
-    if meta.get("world_size", meta_now["world_size"]) != meta_now["world_size"]:
-        faults.say(f"[checkpoint] {found} was saved on {meta['world_size']} rank(s), resuming on "
-                   f"{meta_now['world_size']}: the same global batches, summed in another order")
-    return found
-
-
-def load_checkpoint(path: Path, backend, optimizer: torch.optim.Optimizer, optim_name: str, allow=()) -> dict:
-    """Model and optimizer through the backend (its own file layout), then the trainer state. Changed
-    optimizer hyper-parameters are refused (or, when allowed, re-applied after the load) on every
-    backend: trainer.pt holds the saved ones, whatever layout the optimizer state has."""
-    same_optimizer = ckpt.read_meta(path).get("optimizer", optim_name) == optim_name
-    trainer_state = ckpt.load_torch(path / "trainer.pt")
-    fresh = ckpt.optimizer_hparams(optimizer)
-    diffs = ckpt.check_hparams(fresh, trainer_state.get("optim_hparams", []), allow, path) if same_optimizer else []
-
-    def load_optimizer(state) -> None:
-        """`state`: the optimizer state dict, or a zero-argument function that reads it."""
-        if not same_optimizer:  # allowed by checkpoint.allow_changes: a fresh optimizer state
-            return
-        try:
-            state = state() if callable(state) else state
-        except ckpt.CheckpointError as e:
-            if "optimizer" not in allow:
-                raise
-            faults.say(f"[checkpoint] {e}; the optimizer state starts fresh (checkpoint.allow_changes=[optimizer])")
-            return
-        if "optim_hparams" in trainer_state:
-            optimizer.load_state_dict(state)
-        else:  # a checkpoint older than optim_hparams: compare with the optimizer file's own groups
-            for note in ckpt.load_optimizer_state(optimizer, state, allow, path / "optimizer.pt"):
-                faults.say(f"[checkpoint] {note}")
-
-    backend.read(path, load_optimizer)
-    for note in ckpt.apply_hparams(optimizer, fresh, diffs):
-        faults.say(f"[checkpoint] {note}")
-    return trainer_state
 
 
 class Progress:
@@ -373,11 +281,11 @@ def run_cli(argv=None) -> int:
     """main() with user errors printed as one line (exit status 2) instead of a traceback."""
     try:
         return main(argv)
-    except (ConfigError, DataError, ckpt.CheckpointError, faults.NonFiniteError) as e:
-        faults.release_run_dirs()
+    except (ConfigError, DataError, ckpt.CheckpointError, guard.NonFiniteError) as e:
+        rundir.release_run_dirs()
         print(f"error: {e}", file=sys.stderr)
         return D.finish(SAVE_FAILED_EXIT if isinstance(e, ckpt.CheckpointSaveError) else
-                        NONFINITE_EXIT if isinstance(e, faults.NonFiniteError) else 2, sync=False)
+                        NONFINITE_EXIT if isinstance(e, guard.NonFiniteError) else 2, sync=False)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,53 @@
-"""Checkpoints a user can trust: atomic `step-N/` directories, auto-resume from the latest.
+"""All of save and resume: one Checkpointer over a run's named stateful parts, atomic `step-N/` directories.
+
+    checkpointer = Checkpointer(cfg, info, backend, run_dir, meta_now)
+    resumed = checkpointer.resume(sampler)       # None: a fresh start; else the trainer state
+    ...
+    checkpointer.save(step, {"tokens": ..., "sampler": sampler.state_dict(), ...})
+
+What a checkpoint holds, and who provides it (torchtitan's "stateful parts"):
+
+| part                          | provided by                    | file(s) in step-N/                          |
+|-------------------------------|--------------------------------|---------------------------------------------|
+| model, optimizer (AM state:   | the backend, as state dicts    | ddp: model.pt + optimizer.pt (whole)        |
+| moments, pi, last beta, beta  | and how to write them          | fsdp2: dcp/ (torch DCP shards + am_state)   |
+| step, fallbacks, prev lr,     |                                | deepspeed: deepspeed/ (DeepSpeed's per-rank |
+| per-layer layout)             |                                | files + am_layout_rank<r>.pt)               |
+| step, tokens, skipped steps,  | train.py's counters            | trainer.pt                                  |
+| sampler position, wandb id    |                                |                                             |
+| optimizer hyper-parameters,   | the checkpointer               | trainer.pt (checked on every backend)       |
+| parameter names per group     |                                |                                             |
+| per-rank RNG streams          | the checkpointer               | rng-rank<r>.pt                              |
+| the lr schedule               | a function of the step         | (nothing)                                   |
+| what it was saved for         | the checkpointer               | meta.json (written last), config.yaml       |
+
+Resume has two paths (docs/faults.md, "cross-backend resume"):
+
+* **native** -- the backend reads its own files: DDP's on any world size (they are whole), FSDP2's
+  DCP on any world size (DCP stores global shapes and reshards N -> M; a plain/DDP model loads it too),
+  DeepSpeed's on the same world size and ZeRO layout (stage, precision).
+* **whole per parameter** -- anything else (DeepSpeed <-> FSDP2 <-> DDP, ZeRO stage changes, DeepSpeed
+  on another world size): :func:`read_full` reassembles every parameter's weights and optimizer state
+  by name in each process (DCP's reader; DeepSpeed's ``zero_to_fp32`` plus the AM layout files), and
+  the backend cuts out what it keeps (:meth:`Backend.load_full`). Costs the whole model's fp32 weights
+  and optimizer state in CPU memory of every process, once, at resume.
+
+Either way the run continues with exactly the next unseen global batch: the sampler's position is
+global, so any world size with the same ``train.batch_size`` draws the same batches.
 
 Layout of a run directory::
 
     runs/<name>/
-      config.yaml  metrics.jsonl
-      step-200/    meta.json  model.pt  optimizer.pt  trainer.pt   (backend-specific files allowed)
+      config.yaml  metrics.jsonl  .lock
+      step-200/    meta.json  trainer.pt  rng-rank0.pt ...  config.yaml  + the backend's files
       step-400/    ...
       .tmp-step-600/    a save in progress (or one killed mid-way): never read, removed later
 
 A save writes everything into `.tmp-step-N/`, fsyncs, writes `meta.json` LAST, then renames the
 directory to `step-N/` in one `os.rename`. So a `step-N/` directory either is complete or does not
 exist, whatever moment a process is killed at. Loading uses `torch.load(weights_only=True)`: the
-files hold only tensors and plain Python containers, never pickled objects.
-
-Which ranks write what is the backend's business (`write_fn` below): with DDP rank 0 writes the
-(identical) model and optimizer; FSDP2 / DeepSpeed write sharded files from every rank into the same
-temporary directory.
+files hold only tensors and plain Python containers, never pickled objects. Pruning keeps
+``checkpoint.keep`` checkpoints and never removes the newest intact one.
 """
 
 from __future__ import annotations
@@ -33,6 +65,7 @@ from typing import Callable
 
 import torch
 
+from .fault_injection import save_pause, save_sleep
 from .parallel.distributed import any_rank, barrier
 
 FORMAT_VERSION = 1
@@ -48,23 +81,140 @@ class CheckpointSaveError(CheckpointError):
     """A save failed (disk full, directory gone); the previous checkpoint is untouched."""
 
 
-SAVE_PHASES = ("begin", "written", "before-meta", "before-rename", "renamed")
-"""Points of a save, in order, where the AMLLM_TEST_SAVE_PAUSE hook can hold the process (kill -9 tests):
-begin (empty .tmp dir), written (write_fn done, nothing fsynced), before-meta (files fsynced, no
-meta.json), before-rename (meta.json written), renamed (step-N/ in place, not yet pruned). Writers add
-their own points through :func:`test_pause` (train.py pauses after model.pt: ``after-model.pt``)."""
+class Checkpointer:
+    """Saves and resumes a run's whole state through its backend; owns every check and message.
 
+    ``meta_now``: what this run is (model/tokenizer/data fingerprints, optimizer name, backend, world
+    size), compared with a checkpoint's meta.json before anything is loaded."""
 
-def test_pause(phase: str, run_dir: Path, step: int) -> None:
-    """Test hook: with AMLLM_TEST_SAVE_PAUSE=<phase>@<step> (or <phase>), touch
-    ``<run_dir>/.paused-<phase>-<step>`` and sleep, so a test can SIGKILL the process right there."""
-    want = os.environ.get("AMLLM_TEST_SAVE_PAUSE")
-    if not want:
-        return
-    name, _, at = want.partition("@")
-    if name == phase and (not at or int(at) == step):
-        (Path(run_dir) / f".paused-{phase}-{step}").touch()
-        time.sleep(float(os.environ.get("AMLLM_TEST_SAVE_PAUSE_S", "600")))
+    def __init__(self, cfg, info, backend, run_dir: Path, meta_now: dict):
+        self.cfg, self.info, self.backend, self.run_dir = cfg, info, backend, Path(run_dir)
+        self.meta_now = meta_now
+        self.allow = tuple(cfg.checkpoint.allow_changes)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.backend.am_optimizer
+
+    # -- resume -----------------------------------------------------------------------------------
+    def find(self) -> Path | None:
+        """The checkpoint to resume from (checkpoint.resume = auto | never | path), checked for
+        compatibility: another model, tokenizer, optimizer or data is refused with what differs
+        (checkpoint.allow_changes accepts the last two). Auto skips a damaged latest with a warning;
+        when every checkpoint is damaged it stops with the choices (never a silent fresh start)."""
+        from .config import ConfigError
+        from .parallel import distributed as D
+
+        resume = self.cfg.checkpoint.resume
+        if resume == "never":
+            return None
+        if resume == "auto":  # rank 0 looks, every rank uses its answer (or its error)
+            found = None
+            if self.info.is_main:
+                try:
+                    found = latest_checkpoint(self.run_dir, validate=verify_files, refuse_if_all_damaged=True)
+                except CheckpointError as e:
+                    found = e
+            found = D.broadcast_object(found)
+            if isinstance(found, CheckpointError):
+                raise found
+        else:
+            found = Path(resume)
+            if not found.is_dir():
+                raise ConfigError(f"checkpoint.resume={resume!r} is not a directory; give a step-N/ path, auto or never")
+        if found is None:
+            return None
+        meta = read_meta(found)
+        for note in check_compatible(found, meta, self.meta_now, self.allow):
+            self._say(note)
+        return found
+
+    def resume(self, sampler) -> dict | None:
+        """Find a checkpoint and load every part of it; None when the run starts fresh. Returns the
+        trainer state (step, tokens, skipped_steps, wandb_id, ...) with ``path`` added."""
+        path = self.find()
+        if path is None:
+            return None
+        meta = read_meta(path)
+        trainer = load_torch(path / "trainer.pt")
+        self._load_model_and_optimizer(path, meta, trainer)
+        if "data" in self.allow:
+            sampler.step = int(trainer["sampler"]["step"])  # another data manifest: position only
+        else:
+            sampler.load_state_dict(trainer["sampler"])  # a global position: any world size, same batches
+        restore_rng(path, self.info.rank, self.info.device, trainer)  # this rank's own RNG streams
+        return {**trainer, "path": path}
+
+    def _load_model_and_optimizer(self, path: Path, meta: dict, trainer: dict) -> None:
+        """Model and optimizer by the native or the whole-per-parameter path (module docstring).
+        Changed optimizer hyper-parameters are refused (or, when allowed, re-applied after the load) on
+        every backend: trainer.pt holds the saved ones, whatever layout the optimizer state has."""
+        backend, optimizer, world = self.backend, self.optimizer, self.info.world_size
+        same_optimizer = meta.get("optimizer", self.cfg.optim.name) == self.cfg.optim.name
+        fresh = optimizer_hparams(optimizer)
+        diffs = check_hparams(fresh, trainer.get("optim_hparams", []), self.allow, path) if same_optimizer else []
+        saved_world = meta.get("world_size", world)
+        saved_layout = meta.get("layout", meta.get("backend", "ddp"))
+        if backend.reads_natively(meta, world):
+            if saved_world != world:
+                self._say(f"{path} was saved on {saved_world} rank(s), resuming on {world}: the same global "
+                          f"batches, summed in another order")
+            backend.read(path, lambda state: self._load_optimizer(optimizer, state, same_optimizer, trainer, path))
+        else:
+            self._say(f"{path} was saved by {saved_layout} on {saved_world} rank(s); loading it whole per parameter "
+                      f"into {backend.layout} on {world} rank(s)")
+            names = trainer.get("param_names") or backend.param_names()
+            full = read_full(path, names, with_optimizer=same_optimizer, allow=self.allow)
+            backend.load_full(full["model"], full["optim"])
+        for note in apply_hparams(optimizer, fresh, diffs):
+            self._say(note)
+
+    def _load_optimizer(self, optimizer, state, same_optimizer: bool, trainer: dict, path: Path) -> None:
+        """`state`: the optimizer state dict, or a zero-argument function that reads it."""
+        if not same_optimizer:  # allowed by checkpoint.allow_changes: a fresh optimizer state
+            return
+        try:
+            state = state() if callable(state) else state
+        except CheckpointError as e:
+            if "optimizer" not in self.allow:
+                raise
+            self._say(f"{e}; the optimizer state starts fresh (checkpoint.allow_changes=[optimizer])")
+            return
+        if "optim_hparams" in trainer:
+            optimizer.load_state_dict(state)
+        else:  # a checkpoint older than optim_hparams: compare with the optimizer file's own groups
+            for note in load_optimizer_state(optimizer, state, self.allow, path / "optimizer.pt"):
+                self._say(note)
+
+    # -- save -------------------------------------------------------------------------------------
+    def save(self, step: int, trainer: dict) -> Path:
+        """Collective: every rank calls it. ``trainer``: train.py's counters and sampler state (tokens,
+        sampler, skipped_steps, wandb_id). Never writes a NaN: a non-finite parameter or optimizer
+        entry stops the run with the previous checkpoint intact."""
+        from .config import save_config
+        from .guard import check_finite_state
+
+        backend, info = self.backend, self.info
+        state = {**trainer, "step": step, "rng_cpu": torch.get_rng_state(),
+                 "optim_hparams": optimizer_hparams(self.optimizer), "param_names": backend.param_names()}
+
+        def write(tmp: Path) -> None:
+            model_state, optim_state = backend.state_for_check() if info.is_main else ({}, {})
+            check_finite_state(model_state, "parameter", step)
+            check_finite_state(optim_state, "optimizer state", step)
+            backend.write(tmp, model_state or None, optim_state or None)  # every rank: sharded backends
+            save_rng(tmp, info.rank, info.device)  # every rank: RNG streams differ per rank
+            if info.is_main:
+                save_pause("after-model.pt", self.run_dir, step)
+                save_torch(state, tmp / "trainer.pt")
+                save_config(self.cfg, tmp / "config.yaml")
+
+        meta = {**self.meta_now, "layout": backend.layout, "tokens": trainer.get("tokens", 0)}
+        return save_checkpoint(self.run_dir, step, meta, write, info.is_main, self.cfg.checkpoint.keep)
+
+    def _say(self, line: str) -> None:
+        if self.info.is_main:
+            print(f"[checkpoint] {line}", flush=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -217,7 +367,7 @@ def save_checkpoint(run_dir: Path, step: int, meta: dict, write_fn: Callable[[Pa
     barrier()
     if error is None:
         try:
-            test_pause("begin", run_dir, step)
+            save_pause("begin", run_dir, step)
             write_fn(tmp)
         except Exception as e:  # keep every rank in the collective sequence; re-raise below
             error = e
@@ -257,18 +407,16 @@ def _save_error(error: BaseException, run_dir: Path, step: int) -> BaseException
 
 def _commit(run_dir: Path, step: int, tmp: Path, final: Path, meta: dict, keep: int | None) -> None:
     """Rank 0: fsync the files, write meta.json last, rename .tmp-step-N -> step-N, prune."""
-    test_pause("written", run_dir, step)
-    hook = os.environ.get("AMLLM_TEST_SAVE_SLEEP")  # test hook: widen the window for kill -9 tests
-    if hook:
-        time.sleep(float(hook))
+    save_pause("written", run_dir, step)
+    save_sleep()  # test hook: widen the window for kill -9 tests
     _fsync_tree(tmp)
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     meta = {**meta, "step": step, "format_version": FORMAT_VERSION, "time": time.time(), "files": files}
-    test_pause("before-meta", run_dir, step)
+    save_pause("before-meta", run_dir, step)
     (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
     with open(tmp / META, "rb") as f:
         os.fsync(f.fileno())
-    test_pause("before-rename", run_dir, step)
+    save_pause("before-rename", run_dir, step)
     if final.exists():  # re-saving a step (e.g. the end of a run that just saved): replace it
         old = run_dir / f".old-step-{step}"
         shutil.rmtree(old, ignore_errors=True)
@@ -278,7 +426,7 @@ def _commit(run_dir: Path, step: int, tmp: Path, final: Path, meta: dict, keep: 
     else:
         os.rename(tmp, final)
     _fsync_dir(run_dir)
-    test_pause("renamed", run_dir, step)
+    save_pause("renamed", run_dir, step)
     if keep:
         prune(run_dir, keep)
 
@@ -422,3 +570,87 @@ def apply_hparams(optimizer: torch.optim.Optimizer, fresh: list[dict], diffs) ->
     for i, k, _, _ in diffs:
         optimizer.param_groups[i][k] = optimizer.defaults[k] if k in optimizer.defaults else fresh[i][k]
     return [f"optimizer {k}: {a} -> {b} (allowed)" for _, k, a, b in diffs]
+
+
+# ---- whole per-parameter state: the layout every backend can load ----------------------------------
+
+
+def optimizer_by_name(state: dict, names: list[list[str]]) -> dict:
+    """torch's index-keyed optimizer state dict -> FQN-keyed (torch DCP's ``get_state_dict`` layout):
+    ``names``: the parameter names of each param group, in order (saved in trainer.pt)."""
+    flat = [n for group in names for n in group]
+    if len(flat) != sum(len(g["params"]) for g in state["param_groups"]):
+        raise CheckpointError(f"the optimizer state has {sum(len(g['params']) for g in state['param_groups'])} "
+                              f"parameters, the model {len(flat)}; it was saved for another model")
+    return {"state": {flat[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [flat[i] for i in g["params"]]}
+                             for g in state["param_groups"]],
+            "am_state": state.get("am_state")}
+
+
+def optimizer_by_index(optim: dict, names: list[list[str]]) -> dict:
+    """FQN-keyed optimizer state -> torch's index-keyed one for an optimizer whose groups hold the
+    parameters ``names`` (in order). The groups must hold the same parameters as when saved."""
+    pos, index = {}, 0
+    groups = []
+    for g, (group_names, saved) in enumerate(zip(names, optim["param_groups"])):
+        if set(group_names) != set(saved["params"]):
+            raise CheckpointError(f"optimizer param group {g} holds other parameters than when it was saved; "
+                                  f"resume with the optimizer settings the run was saved with")
+        for n in group_names:
+            pos[n] = index
+            index += 1
+        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": [pos[n] for n in group_names]})
+    if len(names) != len(optim["param_groups"]):
+        raise CheckpointError(f"the optimizer has {len(names)} param groups, the checkpoint "
+                              f"{len(optim['param_groups'])}; resume with the settings it was saved with")
+    state = {"state": {pos[n]: v for n, v in optim["state"].items() if n in pos}, "param_groups": groups}
+    if optim.get("am_state") is not None:
+        state["am_state"] = optim["am_state"]
+    return state
+
+
+def read_full(step_dir: Path, names: list[list[str]] | None = None, with_optimizer: bool = True,
+              allow: tuple | list = ()) -> dict:
+    """Any amllm checkpoint as whole tensors per parameter, in one process, whatever backend and world
+    size wrote it: ``{"model": {fqn: tensor}, "optim": FQN-keyed optimizer state with "am_state", or
+    None}``. ``names``: the parameter names per param group, for model.pt/optimizer.pt (index-keyed).
+    A damaged optimizer file with ``allow`` containing "optimizer" gives the weights alone."""
+    step_dir = Path(step_dir)
+    what = f"{step_dir}: no model.pt, dcp/ or deepspeed/ inside; not an amllm checkpoint"
+    try:
+        if (step_dir / "model.pt").is_file():
+            full = {"model": load_torch(step_dir / "model.pt"), "optim": None}
+            if with_optimizer:
+                try:
+                    full["optim"] = optimizer_by_name(load_torch(step_dir / "optimizer.pt"), names)
+                except CheckpointError as e:
+                    if "optimizer" not in allow:
+                        raise
+                    warnings.warn(f"{e}; the optimizer state starts fresh (checkpoint.allow_changes=[optimizer])",
+                                  stacklevel=2)
+            return full
+        if (step_dir / "dcp").is_dir():
+            from .parallel.fsdp import read_dcp_full
+
+            what = f"{step_dir / 'dcp'}: cannot be read"
+            full = read_dcp_full(step_dir / "dcp")
+        elif (step_dir / "deepspeed").is_dir():
+            from .parallel.deepspeed_backend import read_zero_full
+
+            what = f"{step_dir / 'deepspeed'}: cannot be read"
+            full = read_zero_full(step_dir, tag="deepspeed", with_optimizer=with_optimizer)
+        else:
+            raise CheckpointError(what)
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{what} ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    if not with_optimizer:
+        full["optim"] = None
+    return full
+
+
+def full_model_state(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole model state dict of a checkpoint, in one process, whatever backend wrote it."""
+    return {k: v.contiguous() for k, v in read_full(step_dir, with_optimizer=False)["model"].items()}

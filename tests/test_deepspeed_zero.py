@@ -118,7 +118,6 @@ def test_deepspeed_fragment_links_see_am_state(results):
 @pytest.mark.parametrize("name", ["zero2_resume", "zero3_resume"])
 def test_resume_on_same_world_size_continues_identically(results, name):
     res = results[name]
-    assert res["client_state"]["step"] == 2 and res["client_state"]["sampler"] == {"pos": 16}
     assert res["rng_restored"]
     cont, resumed = res["continuous"], res["resumed"]
     assert len(resumed["loss"]) >= 2

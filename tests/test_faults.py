@@ -32,7 +32,7 @@ from conftest import ROOT, free_port
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from amllm import checkpoint as ckpt  # noqa: E402
-from amllm import faults  # noqa: E402
+from amllm import guard, rundir  # noqa: E402
 
 STEPS = 8
 
@@ -192,8 +192,8 @@ def all_finite(run: Path) -> bool:
         for f in ("model.pt", "optimizer.pt"):
             state = torch.load(d / f, weights_only=True)
             try:
-                faults.check_finite_state(state, f, 0)
-            except faults.NonFiniteError:
+                guard.check_finite_state(state, f, 0)
+            except guard.NonFiniteError:
                 return False
     return True
 
@@ -234,10 +234,10 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
     def write(tmp):
         state = {"w": torch.tensor([1.0, float("inf")])}
-        faults.check_finite_state(state, "parameter", 2)
+        guard.check_finite_state(state, "parameter", 2)
         ckpt.save_torch(state, tmp / "model.pt")
 
-    with pytest.raises(faults.NonFiniteError, match=r"refusing to save step-2: parameter w holds non-finite"):
+    with pytest.raises(guard.NonFiniteError, match=r"refusing to save step-2: parameter w holds non-finite"):
         ckpt.save_checkpoint(tmp_path, 2, {}, write, True)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-1"] and not list(tmp_path.glob(".tmp-*"))
 
@@ -267,7 +267,7 @@ def test_disk_full_during_save_keeps_previous_and_resumes(base, reference, tmp_p
 
 def test_no_space_or_unwritable_run_dir_fails_before_training(base, tmp_path, monkeypatch):
     run = tmp_path / "new" / "run"
-    monkeypatch.setattr(faults.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
     rc, _, err = run_quiet(base(run))
     assert rc == 2 and "has 4.0 KiB free, the checkpoints of this run need about" in one_error_line(err)
     assert not (tmp_path / "new").exists()

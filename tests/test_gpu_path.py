@@ -25,7 +25,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from amllm import faults  # noqa: E402
+from amllm import fault_injection, guard  # noqa: E402
 from amllm.debug import HostReadError, HostReads  # noqa: E402
 from amllm.optim import _triton  # noqa: E402
 from tests.dist_cases import cli_env, train_cli  # noqa: E402
@@ -66,14 +66,14 @@ def test_host_read_counter_sees_every_kind_of_read():
 
 def test_planted_item_in_a_quiet_step_fails(train_overrides, tmp_path, monkeypatch):
     """The trainer-level check is not blind: one `.item()` on the loss of a quiet step stops the run."""
-    real = faults.poison_loss
+    def install_a_sync(model, sampler, rank, run_dir):
+        def planted_sync(module, args, loss):
+            loss.item()  # planted
 
-    def poison_loss_with_a_sync(loss, step, rank):
-        loss.item()  # planted
-        return real(loss, step, rank)
+        model.register_forward_hook(planted_sync)
 
-    monkeypatch.setattr(faults, "poison_loss", poison_loss_with_a_sync)
-    with pytest.raises(HostReadError, match=r"poison_loss_with_a_sync"):
+    monkeypatch.setattr(fault_injection, "install", install_a_sync)
+    with pytest.raises(HostReadError, match=r"planted_sync"):
         train.main(quiet(train_overrides, tmp_path / "run", **{"optim.name": "adamw", "optim.impl": "fused"}))
 
 
@@ -137,7 +137,7 @@ def test_stop_on_a_cadence_save_saves_once_and_exits(train_overrides, tmp_path, 
 # ---- the guard's accumulators ------------------------------------------------------------------------
 
 def test_guard_reports_the_first_bad_step_and_counts_skips(capsys):
-    g = faults.NonFiniteGuard("skip", torch.device("cpu"), skipped=2, first_step=10)
+    g = guard.NonFiniteGuard("skip", torch.device("cpu"), skipped=2, first_step=10)
     ok, bad_loss = torch.tensor(0.0), torch.tensor(float("nan"))
     for loss, skipped in ((ok, 0.0), (bad_loss, 1.0), (ok, 1.0), (ok, 0.0)):  # steps 11..14
         flags = g.observe(loss, torch.tensor(1.0))
@@ -148,10 +148,10 @@ def test_guard_reports_the_first_bad_step_and_counts_skips(capsys):
     assert g.skipped == 4 and not g.stop_requested
     g.check(15)  # nothing new since the last check
     assert capsys.readouterr().out == "" and g.skipped == 4
-    stop = faults.NonFiniteGuard("stop", torch.device("cpu"), first_step=0)
+    stop = guard.NonFiniteGuard("stop", torch.device("cpu"), first_step=0)
     g_flags = stop.observe(ok, torch.tensor(float("inf")), stop=True)
     stop.record(g_flags, torch.tensor(1.0))
-    with pytest.raises(faults.NonFiniteError, match=r"^step 1: non-finite gradient norm; stopped without saving"):
+    with pytest.raises(guard.NonFiniteError, match=r"^step 1: non-finite gradient norm; stopped without saving"):
         stop.check(1)
     assert stop.stop_requested
 
@@ -163,7 +163,7 @@ def _weights_equal(a: dict, b: dict) -> bool:
 
 
 def _model_at(run: Path, step: int) -> dict:
-    from amllm.parallel.backend import full_model_state
+    from amllm.checkpoint import full_model_state
 
     return full_model_state(run / f"step-{step}")
 

@@ -10,7 +10,7 @@
     backend.write(tmp_dir) / backend.read(ckpt_dir)
 
 The backend owns the whole optimizer step, so no caller needs to know that DeepSpeed clips and
-measures the norm inside its own step. A step makes no host read (see faults.NonFiniteGuard).
+measures the norm inside its own step. A step makes no host read (see guard.NonFiniteGuard).
 
 | backend   | model                      | AM statistics                          | checkpoint files        |
 |-----------|----------------------------|----------------------------------------|-------------------------|
@@ -33,7 +33,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError
-from ..faults import NonFiniteGuard, takes_found_inf
+from ..guard import NonFiniteGuard, takes_found_inf
 from ..optim_factory import build_optimizer
 from .blocks import prepare_blocks
 from .distributed import DistInfo, ensure_process_group, wrap_ddp
@@ -59,6 +59,7 @@ class Backend:
         self.model = wrap_ddp(model, self.info)
         # DDP hands every rank the full averaged gradient: AM statistics need no reduction.
         self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device, reducer=None)
+        self.param_names()
 
     def autocast(self):
         """bf16 mixed precision for the plain/DDP path (FSDP2 and DeepSpeed cast themselves)."""
@@ -94,7 +95,38 @@ class Backend:
         """The step's pre-clip global gradient norm, for logging (one host sync)."""
         return measured.item()
 
-    # -- checkpoints --------------------------------------------------------------------------
+    # -- checkpoints (amllm/checkpoint.py's Checkpointer decides what to call) ----------------------
+    @property
+    def layout(self) -> str:
+        """What this backend's native checkpoint files are; saved in meta.json as ``layout``."""
+        return self.name
+
+    def reads_natively(self, meta: dict, world_size: int) -> bool:
+        """Whether :meth:`read` loads a checkpoint saved with ``meta`` on this world size. Otherwise the
+        checkpointer reads it whole per parameter and calls :meth:`load_full`. model.pt/optimizer.pt
+        are whole on any world size; FSDP2's DCP files reshard into a plain model too."""
+        return meta.get("layout", meta.get("backend", "ddp")) in ("ddp", "fsdp2")
+
+    def param_names(self) -> list[list[str]]:
+        """The fully qualified parameter names of each optimizer param group, in the group's order:
+        what maps index-keyed optimizer state (optimizer.pt) to parameters. Taken at set-up: FSDP2
+        registers other (unsharded) parameter objects while a block stays gathered after a forward."""
+        if getattr(self, "_names", None) is None:
+            names = {id(p): n for n, p in self.raw_model.named_parameters()}
+            self._names = [[names[id(p)] for p in g["params"]] for g in self._template().param_groups]
+        return self._names
+
+    def _template(self) -> torch.optim.Optimizer:
+        """The optimizer as built over the model's own parameters."""
+        return self.optimizer
+
+    def load_full(self, model: dict, optim: dict | None) -> None:
+        """Load whole per-parameter state (``ckpt.read_full``: any backend's checkpoint, any world size):
+        ``model`` fqn -> tensor; ``optim`` FQN-keyed optimizer state dict, or None (weights only)."""
+        _load_weights(self.raw_model, model)
+        if optim is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer_by_index(optim, self.param_names()))
+
     def state_for_check(self) -> tuple[dict, dict]:
         """(model, optimizer) state dicts to check for non-finite values before a save."""
         return self.raw_model.state_dict(), self.optimizer.state_dict()
@@ -136,6 +168,7 @@ class FSDP2Backend(Backend):
                                                   reshard_after_forward=self.cfg.parallel.reshard_after_forward)
         # DTensor parameters: the AM optimizer all-reduces its partial sums over the mesh itself.
         self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device, reducer=None)
+        self.param_names()
 
     def autocast(self):
         return contextlib.nullcontext()  # MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)
@@ -147,6 +180,14 @@ class FSDP2Backend(Backend):
 
     def state_for_check(self) -> tuple[dict, dict]:
         return {}, {}  # sharded: checked through the (replicated) grad norm and the loss instead
+
+    def reads_natively(self, meta: dict, world_size: int) -> bool:
+        return meta.get("layout", meta.get("backend")) == "fsdp2"  # DCP reshards N -> M itself
+
+    def load_full(self, model: dict, optim: dict | None) -> None:
+        from .fsdp import load_full
+
+        load_full(self.model, self.optimizer if optim is not None else None, {"model": model, "optim": optim})
 
     def write(self, tmp: Path, model_state=None, optim_state=None) -> None:
         from .fsdp import save_dcp
@@ -182,6 +223,7 @@ class DeepSpeedBackend(Backend):
         self.model = self.engine
         stage = int(self.engine.zero_optimization_stage())
         self.lockstep_eval = stage == 3
+        self.param_names()
 
     @property
     def am_optimizer(self) -> torch.optim.Optimizer:
@@ -221,10 +263,31 @@ class DeepSpeedBackend(Backend):
     def state_for_check(self) -> tuple[dict, dict]:
         return {}, {}
 
+    @property
+    def layout(self) -> str:
+        """DeepSpeed's files depend on the ZeRO stage and (ZeRO-1's BF16 optimizer) the precision."""
+        return f"deepspeed-zero{int(self.engine.zero_optimization_stage())}-{self.cfg.train.precision}"
+
+    def reads_natively(self, meta: dict, world_size: int) -> bool:
+        # DeepSpeed's own loader needs the same world size and ZeRO layout; elsewhere: whole state
+        saved = meta.get("layout", self.layout if meta.get("backend") == "deepspeed" else None)  # older: no layout
+        return saved == self.layout and meta.get("world_size") == world_size
+
+    def _template(self) -> torch.optim.Optimizer:
+        from . import deepspeed_backend as dsb
+
+        client = self.engine.basic_optimizer
+        return client.template if isinstance(client, dsb.ZeroAMAdapter) else client
+
+    def load_full(self, model: dict, optim: dict | None) -> None:
+        from . import deepspeed_backend as dsb
+
+        dsb.load_full(self.engine, model, optim)
+
     def write(self, tmp: Path, model_state=None, optim_state=None) -> None:
         from . import deepspeed_backend as dsb
 
-        dsb.save_checkpoint(self.engine, tmp, client_state={}, tag="deepspeed")
+        dsb.save_checkpoint(self.engine, tmp, tag="deepspeed")
 
     def read(self, path: Path, load_optimizer) -> None:
         from . import deepspeed_backend as dsb
@@ -263,36 +326,11 @@ def make_backend(cfg: Config, info: DistInfo) -> Backend:
     return BACKENDS[cfg.parallel.backend](cfg, info)
 
 
-def check_resumable(meta: dict, backend: Backend, world_size: int, path: Path) -> None:
-    """Which checkpoints a backend can resume: its own; FSDP2's DCP files on any world size (and by
-    the plain/DDP path too); DeepSpeed's only on the same world size."""
-    saved = meta.get("backend", "ddp")
-    readable = saved == backend.name or (saved == "fsdp2" and backend.name == "ddp")
-    if not readable:
-        raise CheckpointError(f"{path} was written by parallel.backend={saved}; resume it with "
-                              f"parallel.backend={saved} (or start a new run_dir)")
-    if saved == "deepspeed" and meta.get("world_size") != world_size:
-        raise CheckpointError(f"{path} is a DeepSpeed checkpoint of {meta.get('world_size')} ranks; DeepSpeed "
-                              f"resumes only on the same world size: launch {meta.get('world_size')} ranks")
-
-
-def full_model_state(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The whole model state dict of a checkpoint, in one process, whatever backend wrote it:
-    model.pt (DDP), dcp/ (FSDP2: torch's DCP-to-torch converter), deepspeed/ (ZeRO's fp32 merge)."""
-    step_dir = Path(step_dir)
-    if (step_dir / "model.pt").is_file():
-        return ckpt.load_torch(step_dir / "model.pt")
-    if (step_dir / "dcp").is_dir():
-        import tempfile
-
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(step_dir / "dcp", Path(tmp) / "full.pt")
-            return ckpt.load_torch(Path(tmp) / "full.pt")["model"]
-    if (step_dir / "deepspeed").is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="deepspeed")
-        return {k: v.contiguous() for k, v in state.items()}
-    raise CheckpointError(f"{step_dir}: no model.pt, dcp/ or deepspeed/ inside; not an amllm checkpoint")
+def _load_weights(model: torch.nn.Module, full: dict) -> None:
+    """``model.load_state_dict(full)`` for parameters; buffers the checkpoint lacks keep their values
+    (non-persistent ones, e.g. rotary frequencies, are rebuilt from the config)."""
+    missing = [n for n, _ in model.named_parameters() if n not in full]
+    if missing:
+        raise CheckpointError(f"the checkpoint has no {missing[0]} (and {len(missing) - 1} more parameters); "
+                              f"it was saved for another model")
+    model.load_state_dict(full, strict=False)

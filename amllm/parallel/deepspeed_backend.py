@@ -173,7 +173,8 @@ class _Shard:
     def __init__(self, flat, group, slices, refresh):
         self.flat = flat  # the fp32 tensor the client updates (1-D)
         self.group = group  # index of its param group
-        self.slices = slices  # [(layer, start, end)] of real elements; the rest is padding
+        # [(layer, start, end, param, offset in the flattened param)] of real elements; the rest is padding
+        self.slices = slices
         self.refresh = refresh  # () -> None: copy this shard's fp32 into its bit16 copy
 
 
@@ -192,14 +193,15 @@ def _shards_bf16(ds_opt, layer_of) -> list[_Shard]:
             for i, flat in enumerate(ds_opt.fp32_groups_flat_partition)]
 
 
-def _fragment_slices(lp_params, layer_of) -> list[tuple[int, int, int]]:
-    """(layer, start, end) in the flat fp32 slice, from DeepSpeed's lp→hp fragment addresses."""
+def _fragment_slices(lp_params, layer_of) -> list[tuple]:
+    """(layer, start, end, param, offset in param) in the flat fp32 slice, from DeepSpeed's lp→hp
+    fragment addresses."""
     out = []
     for p in lp_params:
         hp = getattr(p, "_hp_mapping", None)
         if hp is not None:  # None: no element of p in this rank's slice
             a = hp.hp_fragment_address
-            out.append((layer_of[id(p)], a.start, a.start + a.numel))
+            out.append((layer_of[id(p)], a.start, a.start + a.numel, p, hp.lp_fragment_address.start))
     return sorted(out, key=lambda s: s[1])
 
 
@@ -212,7 +214,7 @@ def _shards_zero3(ds_opt, layer_of) -> list[_Shard]:
             # every rank holds ceil(numel / world) elements of p; the last ranks' tails are padding
             real = max(0, min(p.ds_numel - rank * p.partition_numel(), part.ds_numel))
             if real:
-                slices.append((layer_of[id(p)], off, off + real))
+                slices.append((layer_of[id(p)], off, off + real, p, rank * p.partition_numel()))
             off += part.ds_numel
         if off != flat.numel():
             raise RuntimeError(f"ZeRO-3 sub-group {s}: partitions add up to {off} elements, the fp32 flat has "
@@ -318,7 +320,7 @@ class ZeroAMAdapter(torch.optim.Optimizer):
         # Per-layer β: one view per (layer, slice) of each flat -- int layers keep AM's multi-tensor
         # path and need no per-element int64 map (8 bytes/element); padding is left out entirely.
         if self.template.defaults.get("per_layer", False):
-            self._pieces = [(s, s.flat.detach().narrow(0, a, b - a), a, layer) for s in shards for layer, a, b in s.slices]
+            self._pieces = [(s, s.flat.detach().narrow(0, a, b - a), a, layer) for s in shards for layer, a, b, *_ in s.slices]
         else:
             self._pieces = [(s, s.flat, None, 0) for s in shards]
         inner_groups = [{**{k: v for k, v in g.items() if k != "params"},
@@ -334,7 +336,7 @@ class ZeroAMAdapter(torch.optim.Optimizer):
         """Zero the x padding of every shard (ZeRO-3 leaves uninitialised memory there)."""
         for s in self._shards:
             covered = torch.zeros(s.flat.numel(), dtype=torch.bool, device=s.flat.device)
-            for _, a, b in s.slices:
+            for _, a, b, *_ in s.slices:
                 covered[a:b] = True
             s.flat.data.masked_fill_(~covered, 0.0)
 
@@ -384,6 +386,55 @@ class ZeroAMAdapter(torch.optim.Optimizer):
             self._ds_opt._hp_optimizer_states_linked = False
             self._relink = False
         return None
+
+    # -- a checkpoint layout any backend can read (amllm/checkpointer.py) ------------------------
+    def layout(self, names: dict[int, str]) -> dict:
+        """Where each element of this rank's AM state lives in the model: for piece ``i`` of
+        ``self.am`` (its state dict's index ``i``), the fragments ``(fqn, start in the flattened
+        parameter, start in the piece, numel)``; and every parameter's full shape. Saved beside
+        DeepSpeed's per-rank files so a checkpoint can be reassembled per parameter without DeepSpeed's
+        process layout (:func:`read_zero_full`). ``names``: id(param) -> fully qualified name."""
+        pieces = []
+        for p in (t for g in self.am.param_groups for t in g["params"]):
+            s, t, a, _ = next(piece for piece in self._pieces if piece[1] is p)
+            base = 0 if a is None else a
+            pieces.append([(names[id(q)], lp, start - base, end - start) for _, start, end, q, lp in s.slices
+                           if base <= start and end <= base + t.numel()])
+        shapes = {names[id(q)]: tuple(getattr(q, "ds_shape", q.shape)) for s in self._shards for *_, q, _ in s.slices}
+        return {"pieces": pieces, "shapes": shapes}
+
+    @torch.no_grad()
+    def load_full(self, model: dict, optim: dict, names: dict[int, str]) -> None:
+        """Load whole per-parameter state (another backend's or world size's checkpoint): ``model``
+        fqn -> fp32 tensor into this rank's fp32 shards; ``optim`` torch's FQN-keyed optimizer state
+        dict (``{"state": {fqn: {key: tensor}}, "param_groups": [{..., "params": [fqn]}], "am_state"}``)
+        cut into this rank's pieces. The bit16 copies are the caller's (:func:`load_full`)."""
+        for s in self._shards:
+            for _, start, end, q, lp in s.slices:
+                s.flat.data[start:end].copy_(model[names[id(q)]].reshape(-1)[lp:lp + end - start])
+        if optim is None:  # weights only: a fresh optimizer state
+            self.zero_padding()
+            return
+        layout = self.layout(names)
+        state = {}
+        for i, (t, frags) in enumerate(zip((t for g in self.am.param_groups for t in g["params"]), layout["pieces"])):
+            entry = {}
+            for fqn, lp, off, n in frags:
+                for key, value in optim["state"].get(fqn, {}).items():
+                    if torch.is_tensor(value) and value.dim() > 0:
+                        entry.setdefault(key, torch.zeros(t.numel(), dtype=value.dtype))[off:off + n] = \
+                            value.reshape(-1)[lp:lp + n]
+                    else:  # a per-parameter scalar (the step count): the same for every fragment
+                        entry[key] = value.clone() if torch.is_tensor(value) else value
+            if entry:
+                state[i] = entry
+        index, groups = 0, []
+        for g_am, g_saved in zip(self.am.param_groups, optim["param_groups"]):
+            groups.append({**{k: v for k, v in g_saved.items() if k != "params"},
+                           "params": list(range(index, index + len(g_am["params"])))})
+            index += len(g_am["params"])
+        self.load_state_dict({"state": state, "param_groups": groups, "am_state": optim["am_state"]})
+        self.zero_padding()
 
     def state_dict(self) -> dict:
         # DeepSpeed's fragment linking reads `state[flat]`; on the defaultdict this plants an empty
@@ -476,37 +527,118 @@ def set_lr(engine, lr: float) -> None:
         g["lr"] = lr
 
 
-def save_checkpoint(engine, save_dir: str | os.PathLike, client_state: dict, tag: str = "deepspeed") -> None:
-    """``engine.save_checkpoint`` (every rank must call it) + this rank's RNG states.
+def save_checkpoint(engine, save_dir: str | os.PathLike, tag: str = "deepspeed") -> None:
+    """``engine.save_checkpoint`` (every rank must call it) + this rank's ``am_layout_rank<r>.pt``.
 
-    The model, DeepSpeed's fp32 shards and the AM optimizer's state (moments, per-group
-    ``prev_lr``, and ``am_state`` = π, last β, β step, fallback count) go into DeepSpeed's
-    per-rank files; ``client_state`` (the trainer's: step, sampler position, tokens seen, ...)
-    into its model file; RNG states (CPU, CUDA, differing per rank) into ``rng_rank<r>.pt``.
+    The model, DeepSpeed's fp32 shards and the AM optimizer's state (moments, per-group ``prev_lr``,
+    and ``am_state`` = π, last β, β step, fallback count) go into DeepSpeed's per-rank files. The
+    layout file says which parameter elements each piece of this rank's AM state holds, so that
+    :func:`read_zero_full` can reassemble the checkpoint per parameter for another backend or world
+    size. The trainer's state and the RNG streams are the checkpointer's (amllm/checkpointer.py).
     """
     import torch.distributed as dist
 
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state=dict(client_state))
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save(rng, Path(save_dir) / tag / f"rng_rank{rank}.pt")
+    engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
+    client = engine.basic_optimizer
+    if isinstance(client, ZeroAMAdapter):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        names = {id(p): n for n, p in engine.module.named_parameters()}
+        torch.save(client.layout(names), Path(save_dir) / tag / f"am_layout_rank{rank}.pt")
 
 
-def load_checkpoint(engine, load_dir: str | os.PathLike, tag: str = "deepspeed") -> dict:
-    """Inverse of :func:`save_checkpoint`; returns the trainer's ``client_state``."""
-    import torch.distributed as dist
-
-    path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+def load_checkpoint(engine, load_dir: str | os.PathLike, tag: str = "deepspeed") -> None:
+    """Inverse of :func:`save_checkpoint`, on the same world size and ZeRO layout."""
+    path, _ = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {load_dir}")
     client = engine.basic_optimizer
     if isinstance(client, ZeroAMAdapter):
         client.zero_padding()
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rng_file = Path(load_dir) / tag / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if torch.cuda.is_available() and rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return client_state or {}
+
+
+@torch.no_grad()
+def load_full(engine, model: dict, optim: Optional[dict]) -> None:
+    """Load whole per-parameter state (another backend's or world size's checkpoint, see
+    ``amllm.checkpoint.read_full``) into a built engine: ``model`` fqn -> fp32 tensor, ``optim``
+    torch's FQN-keyed optimizer state dict with ``am_state`` (None: weights only, fresh optimizer).
+
+    ZeRO-1/2/3: this rank's fp32 shards and AM state pieces are cut out of the whole tensors
+    (:meth:`ZeroAMAdapter.load_full`); the bit16 weights the forward uses follow: ZeRO-1/2 hold them
+    whole on every rank (copied in), ZeRO-3 as partitions (refreshed from the fp32 shards).
+    ZeRO-0 fp32: the client optimizer over the module's own parameters, loaded as in one process."""
+    from amllm import checkpoint as ckpt
+
+    client = engine.basic_optimizer
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    if isinstance(client, ZeroAMAdapter):
+        client.load_full(model, optim, names)
+        if int(engine.zero_optimization_stage()) == 3:
+            for s in client._shards:
+                s.refresh()
+        else:
+            for n, p in engine.module.named_parameters():
+                p.data.copy_(model[n].reshape(p.shape))
+        return
+    if engine.optimizer is not client:
+        raise ConfigError(f"resuming another backend's checkpoint under DeepSpeed's {type(engine.optimizer).__name__} "
+                          f"is not supported; use a ZeRO stage of 1-3, or resume it on the backend that wrote it")
+    for n, p in engine.module.named_parameters():
+        p.data.copy_(model[n].reshape(p.shape))
+    if optim is not None:
+        groups = [[names[id(p)] for p in g["params"]] for g in client.param_groups]
+        client.load_state_dict(ckpt.optimizer_by_index(optim, groups))
+
+
+def read_zero_full(step_dir: str | os.PathLike, tag: str = "deepspeed", with_optimizer: bool = True) -> dict:
+    """A DeepSpeed checkpoint of any ZeRO stage and world size as whole per-parameter state, in one
+    process: ``{"model": {fqn: fp32}, "optim": {"state": {fqn: {key: tensor}}, "param_groups":
+    [{..., "params": [fqn]}], "am_state": {...}}}`` -- the layout every backend loads
+    (:meth:`ZeroAMAdapter.load_full`, torch's ``set_state_dict``).
+
+    Weights: DeepSpeed's own ``zero_to_fp32`` merge. Optimizer: DeepSpeed's universal-checkpoint
+    converter (``ds_to_universal``) knows only Adam's ``exp_avg``/``exp_avg_sq`` over one flat per
+    param group, while AM keeps its own state and, per-layer, one piece per parameter fragment; so
+    the pieces are placed with the ``am_layout_rank<r>.pt`` files :func:`save_checkpoint` writes."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root = Path(step_dir) / tag
+    if not with_optimizer:
+        return {"model": {k: v.float().contiguous() for k, v in get_fp32_state_dict_from_zero_checkpoint(
+            str(step_dir), tag=tag).items()}, "optim": None}
+    layouts = sorted(root.glob("am_layout_rank*.pt"), key=lambda f: int(f.stem.rsplit("rank", 1)[1]))
+    if not layouts:
+        raise ValueError(f"{root}: no am_layout_rank*.pt (a checkpoint of an older amllm, or not of an AM "
+                         f"optimizer under ZeRO); it resumes only on the backend and world size that wrote it")
+    model = {k: v.float().contiguous() for k, v in get_fp32_state_dict_from_zero_checkpoint(
+        str(step_dir), tag=tag).items()}
+    state: dict[str, dict] = {}
+    saved_groups, am_state, group_fqns = None, None, None
+    for r, layout_file in enumerate(layouts):
+        layout = torch.load(layout_file, weights_only=True)
+        optim_file = root / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+        osd = torch.load(optim_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        base = osd.get("base_optimizer_state") or osd.get("optimizer_state_dict")
+        if not isinstance(base, dict) or "state" not in base:
+            raise ValueError(f"{optim_file}: no AM optimizer state where DeepSpeed {osd.get('ds_version', '?')} "
+                             f"keeps it; see docs/deepspeed_notes.md")
+        if r == 0:
+            saved_groups, am_state = base["param_groups"], base.get("am_state")  # the same on every rank
+            group_fqns = [set() for _ in saved_groups]
+        for g, group in enumerate(base["param_groups"]):
+            group_fqns[g].update(f for i in group["params"] for f, *_ in layout["pieces"][i])
+        for i, frags in enumerate(layout["pieces"]):
+            for key, value in base["state"].get(i, {}).items():
+                for fqn, lp, off, n in frags:
+                    entry = state.setdefault(fqn, {})
+                    if torch.is_tensor(value) and value.dim() > 0:
+                        full = entry.setdefault(key, torch.zeros(model[fqn].numel(), dtype=value.dtype))
+                        full[lp:lp + n] = value[off:off + n]
+                    else:  # a per-parameter scalar (the step count): a tensor of its own per parameter
+                        entry[key] = value.clone() if torch.is_tensor(value) else value
+    for fqn, entry in state.items():
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                entry[key] = value.view(model[fqn].shape)
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [f for f in model if f in fqns]}
+              for g, fqns in zip(saved_groups, group_fqns)]
+    return {"model": model, "optim": {"state": state, "param_groups": groups, "am_state": am_state}}

@@ -246,3 +246,13 @@ def finish(code: int, sync: bool = True) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def is_main_rank() -> bool:
+    return not is_dist() or torch.distributed.get_rank() == 0
+
+
+def say(line: str) -> None:
+    """print on rank 0 only."""
+    if is_main_rank():
+        print(line, flush=True)

@@ -150,3 +150,40 @@ def load_dcp(path: str | os.PathLike, model: nn.Module, optimizer=None) -> dict:
             sd["am_state"] = state["am_state"]
             optimizer.load_state_dict(sd)
     return json.loads(state["extra"]) if "extra" in state else {}
+
+
+def read_dcp_full(path: str | os.PathLike) -> dict:
+    """A :func:`save_dcp` checkpoint as whole tensors in one process, whatever world size wrote it:
+    ``{"model": {fqn: tensor}, "optim": {"state": {fqn: {...}}, "param_groups": [...], "am_state"}}``
+    (DCP stores global shapes, so its reader reassembles the shards; no process group needed)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    optim = dict(state.get("optim") or {})
+    if optim:
+        optim["am_state"] = state.get("am_state")
+    return {"model": state["model"], "optim": optim or None}
+
+
+def load_full(model: nn.Module, optimizer, full: dict) -> None:
+    """Load whole per-parameter state (:func:`read_dcp_full`'s layout, from any backend) into a model
+    wrapped by :func:`apply_fsdp2` (each rank keeps its shard) and its optimizer (None: weights only)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    if optimizer is None:
+        set_model_state_dict(model, full["model"], options=options)
+        return
+    optim = {k: v for k, v in full["optim"].items() if k != "am_state"}
+    with warnings.catch_warnings():  # restored just below, so no "older dict" note
+        warnings.filterwarnings("ignore", message=r".*state dict without am_state", category=UserWarning)
+        set_state_dict(model, optimizer, model_state_dict=full["model"], optim_state_dict=optim, options=options)
+    if full["optim"].get("am_state") is not None:
+        sd = optimizer.state_dict()
+        sd["am_state"] = full["optim"]["am_state"]
+        optimizer.load_state_dict(sd)

@@ -1,0 +1,114 @@
+"""Fault injection for the tests: environment variables that make a run fail on purpose.
+
+None is read unless set, and none changes a normal run: :func:`install` wires the ones that are set
+into a run once, outside the training loop (a forward hook on the model, a wrapper on the sampler),
+so the loop carries no test code. docs/faults.md says which test uses which.
+
+    AMLLM_TEST_NAN_AT_STEP=N      the loss of optimizer step N (1-based, as logged) is multiplied by NaN
+    AMLLM_TEST_NAN_GRAD_AT_STEP=N the loss of step N stays finite, its gradients are NaN
+    AMLLM_TEST_NAN_RANK=R         ... (either) on rank R only (default: every rank)
+    AMLLM_TEST_CRASH_AT_STEP=N    os._exit(1) at the start of step N, once per run directory
+    AMLLM_TEST_CRASH_RANK=R       ... on rank R only (default 0); the marker <run_dir>/.crashed-step-N
+                                  keeps the restarted attempt from crashing again
+    AMLLM_TEST_STOP_AT_STEP=N     a stop request (as SIGTERM) after step N
+    AMLLM_TEST_SAVE_PAUSE=phase@N hold a save at a phase (SAVE_PHASES) for kill -9 tests
+    AMLLM_TEST_SAVE_PAUSE_S=S     ... for S seconds (default 600)
+    AMLLM_TEST_SAVE_SLEEP=S       sleep S seconds before a save's files are fsynced (kill -9 window)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+SAVE_PHASES = ("begin", "written", "before-meta", "before-rename", "renamed")
+"""Points of a save, in order, where the AMLLM_TEST_SAVE_PAUSE hook can hold the process (kill -9 tests):
+begin (empty .tmp dir), written (write_fn done, nothing fsynced), before-meta (files fsynced, no
+meta.json), before-rename (meta.json written), renamed (step-N/ in place, not yet pruned). Writers add
+their own points through :func:`save_pause` (the checkpointer pauses after the backend's files:
+``after-model.pt``)."""
+
+
+def install(model: torch.nn.Module, sampler, rank: int, run_dir: Path) -> None:
+    """Wire the hooks the environment asks for into this run; nothing when none is set. Step numbers
+    are the sampler's (its position after drawing step N's batch is N)."""
+    if any(os.environ.get(k) for k in ("AMLLM_TEST_NAN_AT_STEP", "AMLLM_TEST_NAN_GRAD_AT_STEP")):
+        def poison(module, args, out):  # the training loss only (evaluation returns logits / outputs)
+            return poison_loss(out, sampler.step, rank) if module.training and torch.is_tensor(out) else None
+
+        model.register_forward_hook(poison)
+    if os.environ.get("AMLLM_TEST_CRASH_AT_STEP"):
+        draw = sampler.next_batch
+
+        def next_batch():
+            batch = draw()
+            crash_hook(sampler.step, rank, run_dir)
+            return batch
+
+        sampler.next_batch = next_batch
+
+
+def stop_at_step() -> int:
+    """AMLLM_TEST_STOP_AT_STEP: the step after which a stop is requested (0: never)."""
+    return int(os.environ.get("AMLLM_TEST_STOP_AT_STEP", "0"))
+
+
+def save_pause(phase: str, run_dir: Path, step: int) -> None:
+    """With AMLLM_TEST_SAVE_PAUSE=<phase>@<step> (or <phase>): touch ``<run_dir>/.paused-<phase>-<step>``
+    and sleep, so a test can SIGKILL the process right there."""
+    want = os.environ.get("AMLLM_TEST_SAVE_PAUSE")
+    if not want:
+        return
+    name, _, at = want.partition("@")
+    if name == phase and (not at or int(at) == step):
+        (Path(run_dir) / f".paused-{phase}-{step}").touch()
+        time.sleep(float(os.environ.get("AMLLM_TEST_SAVE_PAUSE_S", "600")))
+
+
+def save_sleep() -> None:
+    """AMLLM_TEST_SAVE_SLEEP=S: widen the window before a save's fsync for kill -9 tests."""
+    hook = os.environ.get("AMLLM_TEST_SAVE_SLEEP")
+    if hook:
+        time.sleep(float(hook))
+
+
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are NaN (what an overflow in the
+    backward pass looks like)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def poison_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """Test hooks, on rank AMLLM_TEST_NAN_RANK (default: every rank): AMLLM_TEST_NAN_AT_STEP=N makes
+    step N's loss NaN (and so its gradients); AMLLM_TEST_NAN_GRAD_AT_STEP=N keeps the loss finite and
+    makes only the gradients NaN."""
+    if int(os.environ.get("AMLLM_TEST_NAN_RANK", rank)) != rank:
+        return loss
+    if os.environ.get("AMLLM_TEST_NAN_AT_STEP") == str(step):
+        return loss * float("nan")
+    if os.environ.get("AMLLM_TEST_NAN_GRAD_AT_STEP") == str(step):
+        return _NaNGrad.apply(loss)
+    return loss
+
+
+def crash_hook(step: int, rank: int, run_dir: Path) -> None:
+    """Test hook AMLLM_TEST_CRASH_AT_STEP / AMLLM_TEST_CRASH_RANK: die like a lost node, once."""
+    at = os.environ.get("AMLLM_TEST_CRASH_AT_STEP")
+    if not at or int(at) != step or int(os.environ.get("AMLLM_TEST_CRASH_RANK", "0")) != rank:
+        return
+    marker = Path(run_dir) / f".crashed-step-{step}"
+    if marker.exists():
+        return
+    marker.touch()
+    print(f"[test] rank {rank} crashing at step {step} (AMLLM_TEST_CRASH_AT_STEP)", flush=True)
+    os._exit(1)
