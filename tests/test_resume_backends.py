@@ -1,4 +1,10 @@
-"""Resume checks that hold on every backend: changed optimizer hyper-parameters, per-rank RNG states.
+"""Resume checks that hold on every backend: any checkpoint continues on any backend and world size,
+changed optimizer hyper-parameters, per-rank RNG states.
+
+Cross-backend resume (through the real launchers, 2 CPU ranks): a run stopped at step 3 by one backend
+and finished by another matches an uninterrupted single-process run, in loss and β (per-layer, at a
+learning rate where β leaves β_max), on the steps after the resume -- to float32 rounding, since the
+backends sum in different orders. Before the one checkpointer, each of these was refused.
 
 The hyper-parameters a run was saved with travel in trainer.pt (``optim_hparams``), so the check does
 not depend on the backend's optimizer-state layout (DDP's optimizer.pt, FSDP2's DCP shards,
@@ -8,7 +14,9 @@ every backend with ``checkpoint.allow_changes=[optimizer_hparams]``.
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,14 +27,79 @@ from conftest import ROOT, free_port
 from tests.dist_cases import cli_env, train_cli
 
 
-def _run(backend: str, over: list[str]) -> tuple[int, str]:
-    p = subprocess.run(train_cli("deepspeed" if backend == "deepspeed" else "torchrun", 2) + over, cwd=ROOT,
-                       env=cli_env(), capture_output=True, text=True, timeout=600)
+def _run(backend: str, over: list[str], n: int = 2, **env: str) -> tuple[int, str]:
+    """train.py with ``over`` on ``n`` ranks: the deepspeed launcher, torchrun, or (n=1) a plain process."""
+    cmd = [sys.executable, "train.py"] if n == 1 else train_cli("deepspeed" if backend == "deepspeed" else "torchrun", n)
+    p = subprocess.run(cmd + over, cwd=ROOT, env=cli_env(**env), capture_output=True, text=True, timeout=600)
     return p.returncode, p.stdout + p.stderr
 
 
+# ---- any checkpoint on any backend and world size ------------------------------------------------------
+
+BETA_MOVES = {"optim.lr": 0.1, "schedule.warmup_steps": 0, "optim.per_layer": True,  # β leaves β_max here
+              "train.max_steps": 6, "checkpoint.every": 3, "log.every": 1, "eval.every": 0}
+
+
+def _ds(stage: int) -> dict:
+    return {"parallel.backend": "deepspeed", "parallel.deepspeed_config": f"configs/deepspeed/zero{stage}_fp32.json"}
+
+
+CROSS = {  # name: (backend, ranks, overrides) of the first part, then of the second
+    "zero2x2-to-1process": (("deepspeed", 2, _ds(2)), ("ddp", 1, {})),
+    "zero2x2-to-fsdp2x2": (("deepspeed", 2, _ds(2)), ("fsdp2", 2, {"parallel.backend": "fsdp2"})),
+    "fsdp2x2-to-zero3x2": (("fsdp2", 2, {"parallel.backend": "fsdp2"}), ("deepspeed", 2, _ds(3))),
+    "ddp1-to-zero1x2": (("ddp", 1, {}), ("deepspeed", 2, _ds(1))),
+}
+
+
+def _train_records(run: Path) -> dict[int, dict]:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in recs if r.get("kind") == "train"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(micro_model, data_dir, tmp_path_factory) -> dict[int, dict]:
+    """The reference: the same 6 steps in one process, never stopped."""
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    rc, out = _run("ddp", _overrides(micro_model, data_dir, run), n=1)
+    assert rc == 0, out[-3000:]
+    return _train_records(run)
+
+
+def _overrides(micro_model, data_dir, run: Path, **extra) -> list[str]:
+    base = {"run_dir": str(run), "model.name": micro_model, "data.data_dir": data_dir, "data.seq_len": 64,
+            "train.batch_size": 4, "train.micro_batch_size": 2, "log.progress": False, "train.threads": 1,
+            **BETA_MOVES, **extra}
+    return [f"{k}={v}" for k, v in base.items()]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["fsdp2", pytest.param("deepspeed", marks=pytest.mark.deepspeed)])
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("case", list(CROSS))
+def test_a_checkpoint_resumes_on_another_backend_and_world_size(case, uninterrupted, micro_model, data_dir, tmp_path):
+    pytest.importorskip("deepspeed")
+    (b1, n1, over1), (b2, n2, over2) = CROSS[case]
+    run = tmp_path / "run"
+    rc, out = _run(b1, _overrides(micro_model, data_dir, run, **over1), n=n1, AMLLM_TEST_STOP_AT_STEP="3")
+    assert (run / "step-3" / "meta.json").is_file() and not (run / "step-6").exists(), out[-3000:]
+    rc, out = _run(b2, _overrides(micro_model, data_dir, run, **over2), n=n2)
+    assert rc == 0, out[-3000:]
+    assert "loading it whole per parameter" in out and "resumed from" in out and "step 3" in out, out[-3000:]
+    got = _train_records(run)
+    for step in (4, 5, 6):
+        ref, res = uninterrupted[step], got[step]
+        assert res["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=0), (step, res["loss"], ref["loss"])
+        for key in ("beta", "beta_min", "beta_max"):
+            assert res[key] == pytest.approx(ref[key], abs=5e-5), (step, key, res[key], ref[key])
+    assert min(uninterrupted[s]["beta_min"] for s in (4, 5, 6)) < 0.85  # β moved: the check has teeth
+    assert (run / "step-6" / "meta.json").is_file()
+
+
+# ---- hyper-parameters and RNG on every backend ---------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2", pytest.param("deepspeed", marks=pytest.mark.deepspeed)])
 def test_changed_optimizer_hparams_are_refused_then_allowed(train_overrides, tmp_path, backend):
     if backend == "deepspeed":
         pytest.importorskip("deepspeed")
