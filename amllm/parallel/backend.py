@@ -7,7 +7,8 @@
             loss = backend.model(input_ids=x, targets=y)   # LlamaLM: the loss, chunked
         backend.backward(loss, accum)
     grad_norm = backend.optimizer_step(loss_sum, guard, stop)   # clip, guard, update, zero grads
-    backend.write(tmp_dir) / backend.read(ckpt_dir)
+    backend.write(tmp_dir) / backend.read(ckpt_dir)  # native files; amllm/checkpoint.py decides
+    backend.load_full(model_sd, optim_sd)       # whole per-parameter state: another backend's checkpoint
 
 The backend owns the whole optimizer step, so no caller needs to know that DeepSpeed clips and
 measures the norm inside its own step. A step makes no host read (see guard.NonFiniteGuard).
@@ -16,8 +17,11 @@ measures the norm inside its own step. A step makes no host read (see guard.NonF
 |-----------|----------------------------|----------------------------------------|-------------------------|
 | ddp       | DDP (or plain, 1 process)  | no reduction: every rank has full grads | model.pt, optimizer.pt  |
 | fsdp2     | fully_shard per block+root | all-reduced over the DTensor mesh      | dcp/ (reshards N -> M)  |
-| deepspeed | DeepSpeed engine, ZeRO 0-3 | one all-reduce, deferred to the last   | deepspeed/ (same world) |
+| deepspeed | DeepSpeed engine, ZeRO 0-3 | one all-reduce, deferred to the last   | deepspeed/ (+AM layout) |
 |           |                            | per-group call (ZeroAMAdapter)         |                         |
+
+Any checkpoint resumes on any backend and world size: natively where the files allow it (the last
+column), otherwise whole per parameter through :meth:`Backend.load_full` (amllm/checkpoint.py).
 
 The model and the optimizer never import a backend: only this package does.
 """
@@ -46,7 +50,6 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 class Backend:
     name = "ddp"
-    files: tuple[str, ...] = ("model.pt", "optimizer.pt")
     lockstep_eval = False  # True when a forward is itself collective (sharded parameters)
 
     def __init__(self, cfg: Config, info: DistInfo):
@@ -156,7 +159,6 @@ class Backend:
 
 class FSDP2Backend(Backend):
     name = "fsdp2"
-    files = ("dcp",)
     lockstep_eval = True
 
     def setup(self, model: torch.nn.Module) -> None:
@@ -202,7 +204,6 @@ class FSDP2Backend(Backend):
 
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
-    files = ("deepspeed",)
 
     def __init__(self, cfg: Config, info: DistInfo):
         super().__init__(cfg, info)
