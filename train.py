@@ -105,10 +105,10 @@ def main(argv=None) -> int:
                 "world_size": info.world_size, "backend": cfg.parallel.backend,
                 "data_fingerprint": ckpt.manifest_fingerprint(manifest)}
     checkpointer = Checkpointer(cfg, info, backend, run_dir, meta_now)
-    resumed = checkpointer.resume(sampler)  # model, optimizer, sampler, this rank's RNG; None: a fresh start
-    resume_from = resumed["path"] if resumed else None
-    start_step, tokens_seen = (resumed["step"], resumed["tokens"]) if resumed else (0, 0)
-    skipped, wandb_id = (resumed.get("skipped_steps", 0), resumed.get("wandb_id") or None) if resumed else (0, None)
+    resumed = checkpointer.resume(sampler) or {}  # model, optimizer, sampler, this rank's RNG; {}: a fresh start
+    resume_from = resumed.get("path")
+    start_step, tokens_seen = resumed.get("step", 0), resumed.get("tokens", 0)
+    skipped, wandb_id = resumed.get("skipped_steps", 0), resumed.get("wandb_id") or None
     if is_main and resumed:
         print(f"resumed from {resume_from} (step {start_step}, {tokens_seen:,} tokens)")
 

@@ -137,11 +137,11 @@ class Checkpointer:
             return None
         meta = read_meta(path)
         trainer = load_torch(path / "trainer.pt")
-        self._load_model_and_optimizer(path, meta, trainer)
-        if "data" in self.allow:
+        if "data" in self.allow:  # the cheap checks first: a changed global batch stops before any big read
             sampler.step = int(trainer["sampler"]["step"])  # another data manifest: position only
         else:
             sampler.load_state_dict(trainer["sampler"])  # a global position: any world size, same batches
+        self._load_model_and_optimizer(path, meta, trainer)
         restore_rng(path, self.info.rank, self.info.device, trainer)  # this rank's own RNG streams
         return {**trainer, "path": path}
 
