@@ -88,9 +88,9 @@ def test_a_checkpoint_resumes_on_another_backend_and_world_size(case, uninterrup
     got = _train_records(run)
     for step in (4, 5, 6):
         ref, res = uninterrupted[step], got[step]
-        assert res["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=0), (step, res["loss"], ref["loss"])
+        assert res["loss"] == pytest.approx(ref["loss"], rel=2e-5, abs=0), (step, res["loss"], ref["loss"])
         for key in ("beta", "beta_min", "beta_max"):
-            assert res[key] == pytest.approx(ref[key], abs=5e-5), (step, key, res[key], ref[key])
+            assert res[key] == pytest.approx(ref[key], abs=1e-4), (step, key, res[key], ref[key])
     assert min(uninterrupted[s]["beta_min"] for s in (4, 5, 6)) < 0.85  # β moved: the check has teeth
     assert (run / "step-6" / "meta.json").is_file()
 
