@@ -39,6 +39,7 @@ Cases (``engine.optimizer`` type → mechanism):
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -391,17 +392,19 @@ class ZeroAMAdapter(torch.optim.Optimizer):
     def layout(self, names: dict[int, str]) -> dict:
         """Where each element of this rank's AM state lives in the model: for piece ``i`` of
         ``self.am`` (its state dict's index ``i``), the fragments ``(fqn, start in the flattened
-        parameter, start in the piece, numel)``; and every parameter's full shape. Saved beside
+        parameter, start in the piece, numel)`` and where the piece sits (fp32 flat, offset); and
+        every parameter's full shape. Saved beside
         DeepSpeed's per-rank files so a checkpoint can be reassembled per parameter without DeepSpeed's
         process layout (:func:`read_zero_full`). ``names``: id(param) -> fully qualified name."""
-        pieces = []
+        pieces, where = [], []
         for p in (t for g in self.am.param_groups for t in g["params"]):
             s, t, a, _ = next(piece for piece in self._pieces if piece[1] is p)
             base = 0 if a is None else a
             pieces.append([(names[id(q)], lp, start - base, end - start) for _, start, end, q, lp in s.slices
                            if base <= start and end <= base + t.numel()])
+            where.append((self._shards.index(s), base))  # the fp32 flat (DeepSpeed's order) and the offset in it
         shapes = {names[id(q)]: tuple(getattr(q, "ds_shape", q.shape)) for s in self._shards for *_, q, _ in s.slices}
-        return {"pieces": pieces, "shapes": shapes}
+        return {"pieces": pieces, "where": where, "shapes": shapes}
 
     @torch.no_grad()
     def load_full(self, model: dict, optim: dict, names: dict[int, str]) -> None:
@@ -595,10 +598,12 @@ def read_zero_full(step_dir: str | os.PathLike, tag: str = "deepspeed", with_opt
     [{..., "params": [fqn]}], "am_state": {...}}}`` -- the layout every backend loads
     (:meth:`ZeroAMAdapter.load_full`, torch's ``set_state_dict``).
 
-    Weights: DeepSpeed's own ``zero_to_fp32`` merge. Optimizer: DeepSpeed's universal-checkpoint
-    converter (``ds_to_universal``) knows only Adam's ``exp_avg``/``exp_avg_sq`` over one flat per
-    param group, while AM keeps its own state and, per-layer, one piece per parameter fragment; so
-    the pieces are placed with the ``am_layout_rank<r>.pt`` files :func:`save_checkpoint` writes."""
+    Weights only (any optimizer): DeepSpeed's own ``zero_to_fp32`` merge. With the optimizer: the
+    ``am_layout_rank<r>.pt`` files :func:`save_checkpoint` writes place every piece of each rank's fp32
+    flats and AM state -- DeepSpeed's universal-checkpoint converter (``ds_to_universal``) knows only
+    Adam's ``exp_avg``/``exp_avg_sq`` over one flat per param group, while AM keeps its own state and,
+    per-layer, one piece per parameter fragment; and ``zero_to_fp32`` does not read ZeRO-1's
+    BF16_Optimizer files."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     root = Path(step_dir) / tag
@@ -609,18 +614,26 @@ def read_zero_full(step_dir: str | os.PathLike, tag: str = "deepspeed", with_opt
     if not layouts:
         raise ValueError(f"{root}: no am_layout_rank*.pt (a checkpoint of an older amllm, or not of an AM "
                          f"optimizer under ZeRO); it resumes only on the backend and world size that wrote it")
-    model = {k: v.float().contiguous() for k, v in get_fp32_state_dict_from_zero_checkpoint(
-        str(step_dir), tag=tag).items()}
+    shapes = {}
+    for f in layouts:
+        shapes.update(torch.load(f, weights_only=True)["shapes"])
+    model = {fqn: torch.zeros(math.prod(shape)) for fqn, shape in shapes.items()}
     state: dict[str, dict] = {}
     saved_groups, am_state, group_fqns = None, None, None
     for r, layout_file in enumerate(layouts):
         layout = torch.load(layout_file, weights_only=True)
-        optim_file = root / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+        optim_file = next(root.glob(f"*zero_pp_rank_{r}_mp_rank_*_optim_states.pt"), None)  # bf16_... under bf16
+        if optim_file is None:
+            raise ValueError(f"{root}: no optimizer file of rank {r} (zero_pp_rank_{r}_*_optim_states.pt)")
         osd = torch.load(optim_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         base = osd.get("base_optimizer_state") or osd.get("optimizer_state_dict")
         if not isinstance(base, dict) or "state" not in base:
             raise ValueError(f"{optim_file}: no AM optimizer state where DeepSpeed {osd.get('ds_version', '?')} "
                              f"keeps it; see docs/deepspeed_notes.md")
+        flats = osd.get("single_partition_of_fp32_groups") or osd.get("fp32_flat_groups")  # ZeRO-1/2 | ZeRO-3
+        for (shard, offset), frags in zip(layout["where"], layout["pieces"]):
+            for fqn, lp, off, n in frags:
+                model[fqn][lp:lp + n] = flats[shard][offset + off:offset + off + n].float()
         if r == 0:
             saved_groups, am_state = base["param_groups"], base.get("am_state")  # the same on every rank
             group_fqns = [set() for _ in saved_groups]
@@ -635,6 +648,7 @@ def read_zero_full(step_dir: str | os.PathLike, tag: str = "deepspeed", with_opt
                         full[lp:lp + n] = value[off:off + n]
                     else:  # a per-parameter scalar (the step count): a tensor of its own per parameter
                         entry[key] = value.clone() if torch.is_tensor(value) else value
+    model = {fqn: t.view(shapes[fqn]) for fqn, t in model.items()}
     for fqn, entry in state.items():
         for key, value in entry.items():
             if torch.is_tensor(value) and value.dim() > 0:
