@@ -1,6 +1,7 @@
 """Atomic step-N/ directories and safe loading."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +74,64 @@ def test_load_refuses_pickled_objects(tmp_path):
         ckpt.load_torch(tmp_path / "evil.pt")
     with pytest.raises(ckpt.CheckpointError, match=r"missing"):
         ckpt.load_torch(tmp_path / "nope.pt")
+
+
+# ---- whole per-parameter state (cross-backend resume) ----------------------------------------------
+
+
+def _stepped_am(params, groups):
+    from amllm.optim import AMAdamW
+
+    opt = AMAdamW(groups(params), lr=0.1, per_layer=True)
+    for _ in range(2):
+        for p in params.values():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return opt
+
+
+def test_optimizer_state_by_name_loads_into_another_parameter_order():
+    """optimizer.pt (index-keyed) -> by name -> an optimizer whose groups list the same parameters in
+    another order: every parameter gets its own moments back (checked against the source by name)."""
+    torch.manual_seed(0)
+    params = {n: torch.nn.Parameter(torch.randn(s)) for n, s in (("a.w", (3, 2)), ("b.w", (4,)), ("c.w", (2, 2)))}
+    src = _stepped_am(params, lambda p: [{"params": [p["a.w"], p["b.w"]]}, {"params": [p["c.w"]], "weight_decay": 0.0}])
+    names = [["a.w", "b.w"], ["c.w"]]
+    full = ckpt.optimizer_by_name(src.state_dict(), names)
+    assert set(full["state"]) == {"a.w", "b.w", "c.w"} and full["param_groups"][1]["params"] == ["c.w"]
+
+    other = {n: torch.nn.Parameter(torch.zeros_like(p)) for n, p in params.items()}
+    from amllm.optim import AMAdamW
+
+    dst = AMAdamW([{"params": [other["b.w"], other["a.w"]]}, {"params": [other["c.w"]], "weight_decay": 0.0}],
+                  lr=0.1, per_layer=True)
+    dst.load_state_dict(ckpt.optimizer_by_index(full, [["b.w", "a.w"], ["c.w"]]))
+    for n in params:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(dst.state[other[n]][key], src.state[params[n]][key]), (n, key)
+    assert torch.equal(dst.state_dict()["am_state"]["pi"], src.state_dict()["am_state"]["pi"])
+    with pytest.raises(ckpt.CheckpointError, match="param group 0 holds other parameters"):
+        ckpt.optimizer_by_index(full, [["a.w", "c.w"], ["b.w"]])
+
+
+def test_fault_injection_installs_nothing_by_default(monkeypatch):
+    """The test hooks stay out of a normal run: no forward hook, the sampler's draw untouched."""
+    from amllm import fault_injection
+
+    for k in ("AMLLM_TEST_NAN_AT_STEP", "AMLLM_TEST_NAN_GRAD_AT_STEP", "AMLLM_TEST_CRASH_AT_STEP"):
+        monkeypatch.delenv(k, raising=False)
+    model = torch.nn.Linear(2, 2)
+
+    class Sampler:
+        step = 0
+
+        def next_batch(self):
+            return []
+
+    sampler = Sampler()
+    draw = sampler.next_batch
+    fault_injection.install(model, sampler, 0, Path("."))
+    assert not model._forward_hooks and sampler.next_batch == draw
+    monkeypatch.setenv("AMLLM_TEST_NAN_AT_STEP", "1")
+    fault_injection.install(model, sampler, 0, Path("."))
+    assert len(model._forward_hooks) == 1
