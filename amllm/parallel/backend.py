@@ -55,6 +55,7 @@ class Backend:
     def __init__(self, cfg: Config, info: DistInfo):
         self.cfg, self.info = cfg, info
         self.model = self.raw_model = self.optimizer = None
+        self._names: list[list[str]] | None = None  # parameter names per optimizer group, taken at set-up
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module) -> None:
@@ -114,7 +115,7 @@ class Backend:
         """The fully qualified parameter names of each optimizer param group, in the group's order:
         what maps index-keyed optimizer state (optimizer.pt) to parameters. Taken at set-up: FSDP2
         registers other (unsharded) parameter objects while a block stays gathered after a forward."""
-        if getattr(self, "_names", None) is None:
+        if self._names is None:
             names = {id(p): n for n, p in self.raw_model.named_parameters()}
             self._names = [[names[id(p)] for p in g["params"]] for g in self._template().param_groups]
         return self._names
