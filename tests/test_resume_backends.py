@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from amllm import checkpoint as ckpt
 from conftest import ROOT, free_port
 from tests.dist_cases import cli_env, train_cli
 
@@ -93,6 +94,13 @@ def test_a_checkpoint_resumes_on_another_backend_and_world_size(case, uninterrup
             assert res[key] == pytest.approx(ref[key], abs=1e-4), (step, key, res[key], ref[key])
     assert min(uninterrupted[s]["beta_min"] for s in (4, 5, 6)) < 0.85  # β moved: the check has teeth
     assert (run / "step-6" / "meta.json").is_file()
+    for step_dir in (run / "step-3", run / "step-6"):  # ZeRO-2 / ZeRO-3 files: the AM layout's weights are
+        if (step_dir / "deepspeed").is_dir():          # DeepSpeed's own zero_to_fp32 merge, bit for bit
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            theirs = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="deepspeed")
+            ours = ckpt.read_full(step_dir)["model"]
+            assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k].float()) for k in theirs)
 
 
 # ---- hyper-parameters and RNG on every backend ---------------------------------------------------------

@@ -598,7 +598,7 @@ def read_zero_full(step_dir: str | os.PathLike, tag: str = "deepspeed", with_opt
     [{..., "params": [fqn]}], "am_state": {...}}}`` -- the layout every backend loads
     (:meth:`ZeroAMAdapter.load_full`, torch's ``set_state_dict``).
 
-    Weights only (any optimizer): DeepSpeed's own ``zero_to_fp32`` merge. With the optimizer: the
+    Weights of a non-AM optimizer: DeepSpeed's own ``zero_to_fp32`` merge. AM optimizers: the
     ``am_layout_rank<r>.pt`` files :func:`save_checkpoint` writes place every piece of each rank's fp32
     flats and AM state -- DeepSpeed's universal-checkpoint converter (``ds_to_universal``) knows only
     Adam's ``exp_avg``/``exp_avg_sq`` over one flat per param group, while AM keeps its own state and,
@@ -607,10 +607,10 @@ def read_zero_full(step_dir: str | os.PathLike, tag: str = "deepspeed", with_opt
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     root = Path(step_dir) / tag
-    if not with_optimizer:
+    layouts = sorted(root.glob("am_layout_rank*.pt"), key=lambda f: int(f.stem.rsplit("rank", 1)[1]))
+    if not layouts and not with_optimizer:  # e.g. torch AdamW under ZeRO: DeepSpeed's own merge
         return {"model": {k: v.float().contiguous() for k, v in get_fp32_state_dict_from_zero_checkpoint(
             str(step_dir), tag=tag).items()}, "optim": None}
-    layouts = sorted(root.glob("am_layout_rank*.pt"), key=lambda f: int(f.stem.rsplit("rank", 1)[1]))
     if not layouts:
         raise ValueError(f"{root}: no am_layout_rank*.pt (a checkpoint of an older amllm, or not of an AM "
                          f"optimizer under ZeRO); it resumes only on the backend and world size that wrote it")
@@ -653,6 +653,8 @@ def read_zero_full(step_dir: str | os.PathLike, tag: str = "deepspeed", with_opt
         for key, value in entry.items():
             if torch.is_tensor(value) and value.dim() > 0:
                 entry[key] = value.view(model[fqn].shape)
+    if not with_optimizer:
+        return {"model": model, "optim": None}
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [f for f in model if f in fqns]}
               for g, fqns in zip(saved_groups, group_fqns)]
     return {"model": model, "optim": {"state": state, "param_groups": groups, "am_state": am_state}}
