@@ -38,7 +38,8 @@ class DeepSpeedZeroOptimizer:  # the adapter dispatches on the class name
         flat[:real] = param.detach().view(-1)[start:start + real]
         self.single_partition_of_fp32_groups = [flat]
         self.parallel_partitioned_bit16_groups = [[torch.zeros(part) for _ in range(world)]]
-        param._hp_mapping = (SimpleNamespace(hp_fragment_address=SimpleNamespace(start=0, numel=real))
+        param._hp_mapping = (SimpleNamespace(hp_fragment_address=SimpleNamespace(start=0, numel=real),
+                                             lp_fragment_address=SimpleNamespace(start=start, numel=real))
                              if real else None)
         self.bit16_groups = [[param]]
         self.start, self.real = start, real
