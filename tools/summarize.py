@@ -159,7 +159,7 @@ DEFAULT_PAIRS = (
 )
 BETA_TOL = 1e-3   # β counts as below β_max when β < β_max - BETA_TOL (float32 β_max is 0.89999998)
 DIP = 0.02        # a β "dip": β < β_max - DIP
-SPIKE = 0.05      # a loss "spike": training loss above the previous step's by more than this (nats)
+SPIKE = 0.1       # a loss "spike": training loss above the previous step's by more than this (nats)
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -309,8 +309,13 @@ def _ci(stats: dict, digits: int = 4) -> str:
 
 
 def study_tables(runs: list[Run], pairs=DEFAULT_PAIRS) -> str:
-    arms = arms_of(runs)
+    done = [r for r in runs if r.done]
+    arms = arms_of(done)
     parts = ["## Arms", ""]
+    if len(done) < len(runs):
+        parts += [f"**Partial:** {len(runs) - len(done)} run(s) without a DONE marker (still running or "
+                  f"stopped) are left out of these tables: "
+                  + ", ".join(f"`{r.name}`" for r in runs if not r.done) + ".", ""]
     rows = []
     for arm, by_seed in sorted(arms.items()):
         losses = np.array([final_loss(r) for r in by_seed.values()], dtype=np.float64)
