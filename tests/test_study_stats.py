@@ -146,3 +146,13 @@ def test_export_keeps_what_the_tools_read(study_root, tmp_path):
     assert copy.done and copy.config == orig.config
     assert copy.final_eval() == orig.final_eval()
     assert list(copy.train["beta"]) == list(orig.train["beta"])
+
+
+def test_paper_table_does_not_pool_batch_sizes_as_seeds(tmp_path):
+    for batch, final in ((16, 4.5), (32, 4.2)):
+        run = write_run(tmp_path, f"am_adamw-nowarmup-b{batch}-s0", "am_adamw", 0, [(60, final)])
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["train"]["batch_size"] = batch
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    table, _ = summarize.paper_table(load_runs([str(tmp_path)]))
+    assert "| tiny | no warmup | — | 4.200, batch 32 |" in table  # the better setting, not a mean of both

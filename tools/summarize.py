@@ -101,7 +101,9 @@ def paper_table(runs: list[Run]) -> tuple[str, list[str]]:
         elif run.final_eval() is None:
             notes.append(f"`{run.name}`: no evaluation logged yet")
         else:
-            cells.setdefault((run.model, run.schedule, run.method), {}).setdefault(run.lr, []).append(run)
+            # Runs of one cell are seeds only if they share lr and batch size; otherwise a sweep.
+            key = (run.lr, run.cfg("train.batch_size"))
+            cells.setdefault((run.model, run.schedule, run.method), {}).setdefault(key, []).append(run)
     extra = sorted({m for _, _, m in cells} - set(PAPER_METHODS))
     methods = list(PAPER_METHODS) + extra
     row_keys = sorted({(m, s) for m, s, _ in cells}, key=lambda k: (natural_key(k[0]), SCHEDULES.index(k[1])))
@@ -118,8 +120,10 @@ def paper_table(runs: list[Run]) -> tuple[str, list[str]]:
             lr = min(stats, key=lambda k: loss_order(stats[k][0]))
             mean, std, n = stats[lr]
             text = num(mean) if n == 1 else f"{num(mean)} ± {num(std)} (n={n})"
-            if len(by_lr) > 1:
-                text += f", lr {format_lr(lr)}" if lr is not None else ""
+            if len({k[0] for k in by_lr}) > 1 and lr[0] is not None:
+                text += f", lr {format_lr(lr[0])}"
+            if len({k[1] for k in by_lr}) > 1 and lr[1] is not None:
+                text += f", batch {lr[1]}"
             if not all(r.done for r in by_lr[lr]):
                 text += "*"
                 starred = True
@@ -130,7 +134,8 @@ def paper_table(runs: list[Run]) -> tuple[str, list[str]]:
     table = markdown(["model", "schedule", *methods], rows)
     table += "\n\nCells: mean final validation loss over seeds; ± is the sample std (ddof=1), n the number of seeds."
     if any(len(v) > 1 for v in cells.values()):
-        table += " Where a cell holds several learning rates, the one with the best mean is shown."
+        table += (" Where a cell holds several learning rates or batch sizes, the setting with the best mean "
+                  "is shown.")
     if starred:
         table += "\n\n\\* includes a run without a DONE marker (still running or stopped early)."
     return table, notes
