@@ -113,6 +113,8 @@ def test_speedup_by_hand(study_root):
     assert sp["steps"] == pytest.approx(sum(by_hand) / 4, abs=1e-9)          # 55.0714
     assert sp["ratio"] == pytest.approx(sum(60 / s for s in by_hand) / 4, abs=1e-9)  # 1.0901
     assert sp["steps"] == pytest.approx(55.0714, abs=1e-4) and sp["ratio"] == pytest.approx(1.0901, abs=1e-4)
+    reach, ratio = summarize.mean_curve_speedup(arms["adamw-nowarmup"], arms["am_adamw-nowarmup"])
+    assert reach == pytest.approx(56.0, abs=1e-9) and ratio == pytest.approx(60 / 56, abs=1e-9)
 
 
 def test_study_tables_end_to_end(study_root, tmp_path):
@@ -123,7 +125,10 @@ def test_study_tables_end_to_end(study_root, tmp_path):
     text = out.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| `am_adamw-nowarmup` − `adamw-nowarmup`"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1:] == ["5", "-0.0500", "[-0.1069, +0.0069]", "0.071", "4/5", "55.1 (4/5 seeds)", "1.090×"]
+    # seed-mean curves: TREAT's mean curve is mean(BASE) + (0.6, 0.2, mean(DIFFS)) = 4.66, 4.26, 4.01
+    # at steps 20, 40, 60; BASE's mean final 4.06 is reached at 40 + 20 * 0.2 / 0.25 = 56; 60 / 56
+    assert cells[1:] == ["5", "-0.0500", "[-0.1069, +0.0069]", "0.071", "4/5", "55.1 (4/5 seeds)", "1.090×",
+                         f"56.0 ({60 / 56:.3f}×)"]
     arm = next(line for line in text.splitlines() if line.startswith("| `am_adamw-nowarmup` |"))
     cells = [c.strip() for c in arm.strip("|").split("|")]
     # final loss mean over seeds: mean(BASE) + mean(DIFFS) = 4.06 - 0.05

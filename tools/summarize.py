@@ -272,6 +272,25 @@ def speedup(base_runs: dict, treat_runs: dict) -> dict | None:
             "ratio": float(np.mean([x for _, x in reached])) if reached else None}
 
 
+def mean_curve_speedup(base_runs: dict, treat_runs: dict) -> tuple[float | None, float | None]:
+    """The same on the seed-mean curves (seeds both arms ran; evaluation steps all of them share):
+    steps for TREAT's mean curve to reach BASE's mean final loss, and BASE's final step / that.
+    Free of the selection in speedup()'s mean over the seeds that reach the target."""
+    seeds = [s for s in set(base_runs) & set(treat_runs)
+             if len(base_runs[s].eval.get("step", ())) and len(treat_runs[s].eval.get("step", ()))]
+    if not seeds:
+        return None, None
+    target = float(np.mean([base_runs[s].eval["val_loss"][-1] for s in seeds]))
+    common = sorted(set.intersection(*(set(treat_runs[s].eval["step"].tolist()) for s in seeds)))
+    if not math.isfinite(target) or not common:
+        return None, None
+    curve = [float(np.mean([treat_runs[s].eval["val_loss"][list(treat_runs[s].eval["step"]).index(c)]
+                            for s in seeds])) for c in common]
+    reach = steps_to_reach(common, curve, target)
+    base_steps = float(np.mean([base_runs[s].eval["step"][-1] for s in seeds]))
+    return reach, (base_steps / reach if reach else None)
+
+
 def arm_of(run: Run) -> str:
     """`am_adamw-nowarmup-s3` -> `am_adamw-nowarmup` (tools/sweep.py's arms name runs <arm>-s<seed>)."""
     return re.sub(r"-s\d+$", "", run.name)
@@ -362,15 +381,19 @@ def study_tables(runs: list[Run], pairs=DEFAULT_PAIRS) -> str:
             reach = f"{sp['steps']:.1f} ({sp['reached']}/{sp['n']} seeds)"
             ratio = f"{sp['ratio']:.3f}×"
         note = f" ({len(st['excluded'])} non-finite excluded)" if st["excluded"] else ""
+        m_reach, m_ratio = mean_curve_speedup(arms[base], arms[treat])
+        mean_cell = f"{m_reach:.1f} ({m_ratio:.3f}×)" if m_reach else "not reached"
         rows.append([f"`{treat}` − `{base}`", f"{st['n']}{note}", f"{st['mean']:+.4f}", _ci(st),
-                     num(st["p"], 3), f"{st['wins']}/{st['n']}", reach, ratio])
+                     num(st["p"], 3), f"{st['wins']}/{st['n']}", reach, ratio, mean_cell])
     if rows:
         parts.append(markdown(["TREAT − BASE", "seeds", "mean Δ final val loss", "95% CI (paired t)",
                                "p", "TREAT wins", "steps for TREAT to reach BASE's final loss",
-                               "speedup (BASE steps / that)"], rows))
+                               "speedup (BASE steps / that)", "same on the seed-mean curves"], rows))
         parts += ["", "Δ < 0: TREAT ends lower. Pairs share the seed (model init and data order). Steps to "
                   "reach: linear interpolation between TREAT's evaluations, mean over the seeds that reach "
-                  "BASE's final loss; speedup: BASE's final step divided by it, mean over those seeds.", ""]
+                  "BASE's final loss; speedup: BASE's final step divided by it, mean over those seeds (so it leaves out "
+                  "the seeds that never get there). Seed-mean curves: TREAT's validation curve averaged over the "
+                  "seeds, against BASE's mean final loss; steps (speedup).", ""]
     else:
         parts += ["No pair of arms with common seeds.", ""]
     return "\n".join(parts)
