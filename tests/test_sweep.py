@@ -175,4 +175,5 @@ def test_study_grid_file_is_the_documented_study():
         arm = name.rsplit("-s", 1)[0]
         arms[arm] = arms.get(arm, 0) + 1
     assert arms == {"adamw-warmup": 10, "adamw-nowarmup": 10, "am_adamw-warmup": 10, "am_adamw-nowarmup": 10,
-                    "am_adamw-clip-nowarmup": 5, "am_adamw-restart-nowarmup": 5, "am_adamw-perlayer-nowarmup": 5}
+                    "am_adamw-clip-nowarmup": 5, "am_adamw-restart-nowarmup": 5, "am_adamw-perlayer-nowarmup": 10,
+                    "adamw-beta1_0.84-nowarmup": 5}

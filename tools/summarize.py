@@ -161,6 +161,8 @@ DEFAULT_PAIRS = (
     ("am_adamw-clip-nowarmup", "am_adamw-nowarmup"),
     ("am_adamw-restart-nowarmup", "am_adamw-nowarmup"),
     ("am_adamw-perlayer-nowarmup", "am_adamw-nowarmup"),
+    ("am_adamw-perlayer-nowarmup", "adamw-beta1_0.84-nowarmup"),  # per-layer vs less momentum
+    ("adamw-beta1_0.84-nowarmup", "adamw-nowarmup"),
 )
 BETA_TOL = 1e-3   # β counts as below β_max when β < β_max - BETA_TOL (float32 β_max is 0.89999998)
 DIP = 0.02        # a β "dip": β < β_max - DIP
