@@ -161,3 +161,16 @@ def test_paper_table_does_not_pool_batch_sizes_as_seeds(tmp_path):
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     table, _ = summarize.paper_table(load_runs([str(tmp_path)]))
     assert "| tiny | no warmup | — | 4.200, batch 32 |" in table  # the better setting, not a mean of both
+
+
+def test_another_momentum_is_another_setting(tmp_path):
+    default = write_run(tmp_path, "adamw-nowarmup-s0", "adamw", 0, [(60, 4.0)])
+    control = write_run(tmp_path, "adamw-beta1_0.84-nowarmup-s0", "adamw", 0, [(60, 3.0)])
+    cfg = yaml.safe_load((control / "config.yaml").read_text())
+    cfg["optim"]["beta1"] = 0.84
+    (control / "config.yaml").write_text(yaml.safe_dump(cfg))
+    a, b = load_run(default), load_run(control)
+    assert a.group_label == "AdamW, no warmup, lr 1e-2, tiny"
+    assert b.group_label == "AdamW β1 0.84, no warmup, lr 1e-2, tiny"
+    table, _ = summarize.paper_table([a, b])
+    assert "| tiny | no warmup | 4.000 | — | — | — | 3.000 |" in table  # its own column, not a second seed

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU-scale study of docs/study.md in one command (from the repository root):
-#   bash tools/run_study.sh     # 55 runs, 2 at a time (~1 h on 2 cores), then tables + figures in docs/study/
+#   bash tools/run_study.sh     # 65 runs, 2 at a time (~1 h on a shared 2-core machine), then tables + figures in docs/study/
 # The runs (with their final checkpoints) stay under the ignored runs/study_beta; docs/study/runs/ gets
 # compact copies of their config and metrics, and every table and figure is made from those copies.
 # Re-running skips finished runs and resumes interrupted ones. JOBS=1 runs one at a time.
@@ -28,5 +28,5 @@ rm -rf $D/runs
 "$PY" tools/summarize.py $D/runs --study --paper --out $D/results.md
 "$PY" tools/plot.py "$D/runs/adamw-*" "$D/runs/am_adamw-warmup-*" "$D/runs/am_adamw-nowarmup-*" \
     --out $D/figs/arms --smooth 3                                         # the paper's four arms
-"$PY" tools/plot.py "$D/runs/adamw-nowarmup-*" "$D/runs/am_adamw-*nowarmup-*" \
-    --out $D/figs/variants --smooth 3                                     # the variants, no warmup
+"$PY" tools/plot.py "$D/runs/adamw-nowarmup-*" "$D/runs/am_adamw-*nowarmup-*" "$D/runs/adamw-beta1*" \
+    --out $D/figs/variants --smooth 3                                     # the variants and the control

@@ -386,7 +386,8 @@ def study_tables(runs: list[Run], pairs=DEFAULT_PAIRS) -> str:
         m_reach, m_ratio = mean_curve_speedup(arms[base], arms[treat])
         mean_cell = f"{m_reach:.1f} ({m_ratio:.3f}×)" if m_reach else "not reached"
         rows.append([f"`{treat}` − `{base}`", f"{st['n']}{note}", f"{st['mean']:+.4f}", _ci(st),
-                     num(st["p"], 3), f"{st['wins']}/{st['n']}", reach, ratio, mean_cell])
+                     "<0.001" if st["p"] < 1e-3 else num(st["p"], 3), f"{st['wins']}/{st['n']}", reach, ratio,
+                     mean_cell])
     if rows:
         parts.append(markdown(["TREAT − BASE", "seeds", "mean Δ final val loss", "95% CI (paired t)",
                                "p", "TREAT wins", "steps for TREAT to reach BASE's final loss",
