@@ -137,6 +137,7 @@ def test_study_tables_end_to_end(study_root, tmp_path):
     # comes one step after the loss spike
     assert cells[3:6] == ["0.800 / 0.800 / 0.800", "1.7%", "5"]
     assert cells[6].startswith("5/5 ")
+    assert cells[7] == f"{(59 * 0.9 + 0.8) / 60:.3f}"  # mean β over the 60 steps
     # a pair of arms without runs is left out, an arm pair given on the command line is used
     assert "am_adamw-warmup" not in text
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "summarize.py"), str(study_root), "--study",

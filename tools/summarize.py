@@ -354,18 +354,20 @@ def study_tables(runs: list[Run], pairs=DEFAULT_PAIRS) -> str:
             dips, after = sum(s["dips"] for s in bs), sum(s["dips_after_spike"] for s in bs)
             near = float(np.mean([s["near_rate"] for s in bs]))
             beta_cells = [f"{mins.min():.3f} / {np.median(mins):.3f} / {mins.max():.3f}",
-                          f"{100 * below.mean():.1f}%", f"{dips}", f"{after}/{dips} (base rate {100 * near:.0f}%)"]
+                          f"{100 * below.mean():.1f}%", f"{dips}", f"{after}/{dips} (base rate {100 * near:.0f}%)",
+                          f"{np.mean([s['mean'] for s in bs]):.3f}"]
         else:
-            beta_cells = [MISSING] * 4
+            beta_cells = [MISSING] * 5
         rows.append([f"`{arm}`", str(len(by_seed)), f"{num(float(finite_l.mean()) if len(finite_l) else None, 4)}"
                      f" ± {num(sd, 4)}", *beta_cells])
     parts.append(markdown(["arm", "seeds", "final val loss (mean ± sd)", "min β over the run: lowest / median / "
                            "highest seed", "steps with β < β_max", "β dips (all seeds)",
-                           "dips within 2 steps after a loss spike"], rows))
+                           "dips within 2 steps after a loss spike", "mean β"], rows))
     parts += ["", f"β is the global β, or the smallest layer's β for per-layer runs; β < β_max means below "
               f"β_max - {BETA_TOL:g}; a dip is β < β_max - {DIP:g}; a loss spike is a training loss above the "
               f"previous step's by more than {SPIKE:g} nats. Base rate: the share of steps that lie within 2 "
-              "steps after a spike, i.e. what a dip placed at random would score.", ""]
+              "steps after a spike, i.e. what a dip placed at random would score. Mean β: over steps and "
+              "seeds (per-layer runs: of the layers' mean).", ""]
     parts += ["## Paired comparisons", ""]
     rows = []
     for treat, base in pairs:
