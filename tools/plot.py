@@ -224,8 +224,10 @@ def plot_beta_spikes(runs: list[Run], path: Path) -> Path:
         ax.set_ylabel("training loss")
         ax2 = ax.twinx()
         b = beta_floor(run)
-        ax2.plot(t["step"], b, color="tab:blue", lw=1.3, label="β" + (" (smallest layer)" if run.betas is not None else ""))
-        ax2.plot(dips, b[np.searchsorted(t["step"], dips)], "v", color="tab:blue", ms=6, label="β dip (< β_max - 0.02)")
+        label = "β" + (" (smallest layer)" if run.betas is not None else "")
+        ax2.plot(t["step"], b, color="tab:blue", lw=1.3, label=label)
+        ax2.plot(dips, b[np.searchsorted(t["step"], dips)], "v", color="tab:blue", ms=6,
+                 label="β dip (< β_max - 0.02)")
         for s in dips:
             ax.axvline(s, color="tab:blue", alpha=0.15, lw=3)
         ax2.set_ylabel("β")

@@ -324,7 +324,8 @@ def beta_stats(run: Run) -> dict | None:
     dips = b < beta_max - DIP
     return {"min": float(b.min()), "mean": float(np.mean(np.where(np.isfinite(t["beta"]), t["beta"], beta_max))),
             "below": int((b < beta_max - BETA_TOL).sum()), "steps": len(b), "dips": int(dips.sum()),
-            "dips_after_spike": int((dips & near).sum()), "near_rate": float(near[1:].mean()) if len(b) > 1 else math.nan,
+            "dips_after_spike": int((dips & near).sum()),
+            "near_rate": float(near[1:].mean()) if len(b) > 1 else math.nan,
             "spikes": int(rise.sum())}
 
 
@@ -396,7 +397,8 @@ def study_tables(runs: list[Run], pairs=DEFAULT_PAIRS) -> str:
                                "speedup (BASE steps / that)", "same on the seed-mean curves"], rows))
         parts += ["", "Δ < 0: TREAT ends lower. Pairs share the seed (model init and data order). Steps to "
                   "reach: linear interpolation between TREAT's evaluations, mean over the seeds that reach "
-                  "BASE's final loss; speedup: BASE's final step divided by it, mean over those seeds (so it leaves out "
+                  "BASE's final loss; speedup: BASE's final step divided by it, mean over those seeds (so it "
+                  "leaves out "
                   "the seeds that never get there). Seed-mean curves: TREAT's validation curve averaged over the "
                   "seeds, against BASE's mean final loss; steps (speedup).", ""]
     else:
