@@ -85,6 +85,11 @@ class Run:
         if readable.startswith("AM-") and self.cfg("optim.per_layer"):
             # A different method: must not be averaged with the global-beta runs.
             readable, column = f"{readable} per-layer", f"{column} per-layer"
+        beta1 = self._cfg_number("optim.beta1")
+        if beta1 is not None and beta1 != 0.9:
+            # Another momentum (AdamW's β1, AM's β_max) is another setting, not a seed of the default one.
+            tag = f"{'β_max' if readable.startswith('AM-') else 'β1'} {beta1:g}"
+            readable, column = f"{readable} {tag}", f"{column} {tag}"
         return column, readable
 
     @property

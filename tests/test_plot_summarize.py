@@ -109,9 +109,24 @@ def test_plot_writes_all_figures(runs_root, tmp_path):
     out = tmp_path / "figs"
     written = plot.plot_all(load_runs([str(runs_root)]), out, smoothing=5)
     names = {p.name for p in written}
-    assert names == {"loss.png", "beta.png", "lr.png", "beta_layers_am_perlayer.png"}
+    assert names == {"loss.png", "beta.png", "lr.png", "beta_spikes.png", "beta_layers_am_perlayer.png"}
     for path in written:
         assert_png(path)
+
+
+def test_seeds_share_one_heatmap_and_dips_are_found(tmp_path):
+    for seed in (0, 1):
+        make_run(tmp_path / "runs", f"pl_s{seed}", per_layer=True, seed=seed, warmup=0)
+    runs = load_runs([str(tmp_path / "runs")])
+    written = {p.name for p in plot.plot_all(runs, tmp_path / "figs", smoothing=3)}
+    assert written == {"loss.png", "beta.png", "lr.png", "beta_spikes.png", "beta_layers_pl_s0.png"}
+    # make_run's β: 0.9 - 0.3 exp(-step/30) for layer 0, 0.02 less per layer; the smallest layer's
+    # β is below β_max - 0.02 while 0.3 exp(-s/30) + 0.06 > 0.02, i.e. on every one of the 100 steps
+    dips, spikes = plot.spikes_and_dips(runs[0])
+    assert list(dips) == list(range(1, 101))
+    # the training loss rises by more than 0.1 only where its noise (0.05 sd) outweighs the decay
+    loss = runs[0].train["loss"]
+    assert list(spikes) == [s for s in range(2, 101) if loss[s - 1] - loss[s - 2] > 0.1]
 
 
 def test_plot_skips_beta_without_am_runs(runs_root, tmp_path, capsys):

@@ -129,3 +129,51 @@ def test_am_only_axis_does_not_multiply_adamw_and_bad_keys_stop_early(grid_args,
                      "am_adamw-nowarmup-lr1e-3-beta_policy-clip-s0"]
     bad = sweep(grid_args() + ["--set", "optim.lrr=1", "--dry-run"])
     assert bad.returncode == 2 and "unknown config key 'optim.lrr'" in bad.stderr
+
+
+def test_named_arms_grid(grid_args, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "seeds: [0, 1]\n"
+        "arms:\n"
+        "  - {name: adamw-warmup, set: {optim.name: adamw, schedule.warmup_steps: 1}}\n"
+        "  - {name: am-clip, seeds: [1], set: {optim.name: am_adamw, optim.beta_policy: clip, optim.beta_min: 0.5}}\n"
+        "  - {name: am-pl, set: {optim.name: am_adamw, optim.per_layer: true}}\n")
+    # grid_args' --optims/--warmup/--lrs/--seeds belong to the other grid format: keep --out and the sets
+    args, drop = [], False
+    for a in grid_args():
+        if a.startswith("--"):
+            drop = a in ("--optims", "--warmup", "--lrs", "--seeds")
+        if not drop:
+            args.append(a)
+    res = sweep(["--grid", str(grid), *args, "--dry-run"])
+    assert res.returncode == 0, res.stderr
+    rows = [line.split() for line in res.stdout.splitlines()[1:]]
+    # seeds outermost; the clip arm only on its own seed list
+    assert [r[1] for r in rows] == ["adamw-warmup-s0", "am-pl-s0", "adamw-warmup-s1", "am-clip-s1", "am-pl-s1"]
+    clip = next(r for r in rows if r[1] == "am-clip-s1")
+    assert clip[-4:] == ["optim.name=am_adamw", "optim.beta_policy=clip", "optim.beta_min=0.5", "train.seed=1"]
+    assert next(r for r in rows if r[1] == "am-pl-s0")[-2] == "optim.per_layer=true"
+
+    # the arms format does not mix with the optimizer x warmup x lr grid, names are unique and clean
+    mixed = sweep(["--grid", str(grid), *args, "--optims", "adamw", "--dry-run"])
+    assert mixed.returncode == 2 and "arms and optims do not combine" in mixed.stderr
+    grid.write_text("arms:\n  - {name: a, set: {optim.name: adamw}}\n  - {name: a, set: {optim.name: adamw}}\n")
+    dup = sweep(["--grid", str(grid), *args, "--dry-run"])
+    assert dup.returncode == 2 and "must be unique" in dup.stderr
+    grid.write_text("arms:\n  - {name: a, set: {optim.lrr: 1}}\n")
+    bad = sweep(["--grid", str(grid), *args, "--dry-run"])
+    assert bad.returncode == 2 and "arm a: unknown config key 'optim.lrr'" in bad.stderr
+
+
+def test_study_grid_file_is_the_documented_study():
+    res = sweep(["--grid", "configs/cpu/study_beta_grid.yaml", "--out", "runs/never", "--dry-run"])
+    assert res.returncode == 0, res.stderr
+    names = [line.split()[1] for line in res.stdout.splitlines()[1:]]
+    arms: dict[str, int] = {}
+    for name in names:
+        arm = name.rsplit("-s", 1)[0]
+        arms[arm] = arms.get(arm, 0) + 1
+    assert arms == {"adamw-warmup": 10, "adamw-nowarmup": 10, "am_adamw-warmup": 10, "am_adamw-nowarmup": 10,
+                    "am_adamw-clip-nowarmup": 5, "am_adamw-restart-nowarmup": 5, "am_adamw-perlayer-nowarmup": 10,
+                    "adamw-beta1_0.84-nowarmup": 5}

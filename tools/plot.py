@@ -5,8 +5,10 @@
     python tools/plot.py runs --out figs          # every run directory inside runs/
 
 Writes loss.png (the paper's Fig. 5 layout: validation and smoothed training loss against
-tokens), beta.png, beta_layers_<run>.png (per-layer runs) and lr.png; a figure without data
-is skipped with a note. Runs that differ only in their seed are drawn as mean with a min-max band.
+tokens), beta.png, beta_layers_<run>.png (per-layer runs: one heatmap per setting, its first
+seed), beta_spikes.png (AM runs: β's dips marked against the training loss' spikes, the first
+seed of each setting) and lr.png; a figure without data is skipped with a note. Runs that differ
+only in their seed are drawn as mean with a min-max band.
 """
 
 from __future__ import annotations
@@ -125,7 +127,33 @@ def draw_loss(ax, runs: list[Run], styles: dict, smoothing: int) -> tuple[str, s
     return "tokens" if xkey == "tokens" else "step", "loss", "Validation (markers) and training (faint) loss"
 
 
+def beta_floor(run: Run) -> np.ndarray:
+    """β per step, the smallest layer's for per-layer runs."""
+    t = run.train
+    if run.betas is not None and len(run.beta_steps) == len(t["step"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmin(finite(run.betas), 1)
+    return finite(t["beta_min"]) if has(run, "train", "beta_min") else finite(t["beta"])
+
+
 def draw_beta(ax, runs: list[Run], styles: dict) -> tuple[str, str, str]:
+    groups = group_by_setting(runs)
+    if any(len(members) > 1 for members in groups.values()):
+        # Seeds of a setting: mean β over seeds, band from the lowest to the highest seed (per-layer
+        # runs: their smallest layer's β), so a dip in any one seed shows as the band's lower edge.
+        for members in groups.values():
+            style, n = styles[id(members[0])], len(members)
+            steps = reduce(np.intersect1d, [r.train["step"] for r in members])
+            ys = np.stack([beta_floor(r)[np.searchsorted(r.train["step"], steps)] for r in members])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, lo, hi = np.nanmean(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0)
+            label = members[0].label if n == 1 else f"{members[0].group_label} (mean of {n} seeds, min-max band)"
+            ax.plot(steps, mean, lw=1.3, color=style["color"], label=label)
+            if n > 1:
+                ax.fill_between(steps, lo, hi, color=style["color"], alpha=0.2, lw=0)
+        return "step", "β (momentum; per-layer runs: smallest layer)", "Adaptive momentum β over seeds"
     for run in runs:
         style = styles[id(run)]
         if run.betas is not None:
@@ -171,9 +199,51 @@ def plot_beta_layers(run: Run, path: Path) -> Path:
     return save(fig, path)
 
 
-def save(fig, path: Path) -> Path:
+def spikes_and_dips(run: Run, dip: float = 0.02, spike: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Steps where β < β_max - dip, and steps where the training loss rose by more than `spike`
+    over the previous step (tools/summarize.py counts the same)."""
+    t = run.train
+    beta_max = float(run.cfg("optim.beta1", 0.9))
+    b = beta_floor(run)
+    rise = np.concatenate([[False], np.diff(t["loss"]) > spike])
+    return t["step"][np.nan_to_num(b, nan=beta_max) < beta_max - dip], t["step"][rise]
+
+
+def plot_beta_spikes(runs: list[Run], path: Path) -> Path:
+    """One panel per AM setting (its first seed): training loss with its spikes, β with its dips."""
+    firsts = [members[0] for members in group_by_setting(runs).values()]
+    fig, axes = plt.subplots(len(firsts), 1, figsize=(9, 2.6 * len(firsts) + 0.6), sharex=True, squeeze=False)
+    for ax, run in zip(axes[:, 0], firsts):
+        t = run.train
+        dips, spikes = spikes_and_dips(run)
+        ax.plot(t["step"], finite(t["loss"]), color="tab:gray", lw=1.2, label="training loss")
+        ax.plot(spikes, finite(t["loss"])[np.searchsorted(t["step"], spikes)], "x", color="tab:red", ms=7,
+                mew=2, label=f"loss spike (> +{0.1:g} nats over the previous step)")
+        lo, hi = np.nanpercentile(finite(t["loss"]), [0, 97])
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.15 * (hi - lo))
+        ax.set_ylabel("training loss")
+        ax2 = ax.twinx()
+        b = beta_floor(run)
+        label = "β" + (" (smallest layer)" if run.betas is not None else "")
+        ax2.plot(t["step"], b, color="tab:blue", lw=1.3, label=label)
+        ax2.plot(dips, b[np.searchsorted(t["step"], dips)], "v", color="tab:blue", ms=6,
+                 label="β dip (< β_max - 0.02)")
+        for s in dips:
+            ax.axvline(s, color="tab:blue", alpha=0.15, lw=3)
+        ax2.set_ylabel("β")
+        ax2.set_ylim(min(0.6, float(np.nanmin(b)) - 0.02), 0.95)
+        ax.set_title(f"{run.label}: {len(dips)} β dips, {len(spikes)} loss spikes", fontsize=9)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right")
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    return save(fig, path, dpi=90)
+
+
+def save(fig, path: Path, dpi: int = 120) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     print(f"wrote {path}")
     return path
@@ -202,8 +272,12 @@ def plot_all(runs: list[Run], out: Path, smoothing: int = 20) -> list[Path]:
         if ax.get_legend() is None:
             ax.legend(fontsize=8)
         written.append(save(fig, out / name))
+    am_runs = [r for r in runs if has(r, "train", "beta") and has(r, "train", "loss")]
+    if am_runs:
+        written.append(plot_beta_spikes(am_runs, out / "beta_spikes.png"))
     used: set[str] = set()
-    for run in runs:
+    for members in group_by_setting(runs).values():
+        run = members[0]  # one heatmap per setting: its first seed
         if run.betas is None:
             continue
         stem = re.sub(r"[^\w.-]+", "_", run.name)

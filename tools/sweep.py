@@ -26,6 +26,15 @@ current directory, like train.py's run_dir):
     seeds: [0, 1]
     axes: {optim.beta_policy: [am, clip]}   # any other config key; AM-only keys skip adamw/sgd
     set: {train.threads: 1}         # fixed overrides for every run
+
+Or, instead of optims / warmup / lrs / axes, a list of named arms, each a set of overrides run
+for every seed (its own `seeds:` replaces the top-level list for that arm); runs are named
+`<arm>-s<seed>`, seeds outermost:
+
+    seeds: [0, 1, 2]
+    arms:
+      - {name: adamw-warmup, set: {optim.name: adamw, schedule.warmup_steps: 6}}
+      - {name: am_adamw-clip-nowarmup, seeds: [0, 1], set: {optim.name: am_adamw, optim.beta_policy: clip}}
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -85,8 +95,53 @@ def _value_name(value) -> str:
     return str(value).replace("/", "_")
 
 
+def _override(key: str, value) -> str:
+    return f"{key}={json.dumps(value) if isinstance(value, bool) else value}"
+
+
+def build_arm_grid(spec: dict) -> list[Point]:
+    """Named arms x seeds (seeds outermost), each point validated by loading its config."""
+    config, sets = spec.get("config"), list(spec.get("set") or [])
+    for key in ("optims", "warmup", "lrs", "axes"):
+        if spec.get(key):
+            raise SweepError(f"arms and {key} do not combine: put {key} into the arms' set")
+    arms, names = [], set()
+    for i, arm in enumerate(spec["arms"], 1):
+        if not isinstance(arm, dict) or not isinstance(arm.get("name"), str):
+            raise SweepError(f"arm {i}: a mapping with a name (and set:, seeds:)")
+        name = arm["name"]
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name in names:
+            raise SweepError(f"arm {i}: name {name!r} must be unique and use only letters, digits and _.+-")
+        unknown = set(arm) - {"name", "set", "seeds"}
+        if unknown:
+            raise SweepError(f"arm {name}: unknown key(s) {', '.join(sorted(unknown))}; known: name, seeds, set")
+        names.add(name)
+        over = arm.get("set") or {}
+        if not isinstance(over, dict):
+            raise SweepError(f"arm {name}: set must map config keys to values")
+        seeds = arm.get("seeds", spec.get("seeds")) or [None]
+        seeds = seeds if isinstance(seeds, list) else [seeds]
+        arms.append((name, [_override(k, v) for k, v in over.items()], seeds))
+    all_seeds = sorted({s for _, _, seeds in arms for s in seeds if s is not None})
+    order = all_seeds + ([None] if any(None in seeds for _, _, seeds in arms) else [])
+    points = []
+    for seed in order:  # seeds outermost: a sweep cut short has every arm of its first seeds
+        for name, over, seeds in arms:
+            if seed not in seeds:
+                continue
+            point_over = over + ([f"train.seed={int(seed)}"] if seed is not None else [])
+            try:
+                cfg = load_config(config, sets + point_over)
+            except ConfigError as e:
+                raise SweepError(f"arm {name}: {e}") from None
+            points.append(Point(f"{name}-s{cfg.train.seed}", point_over, cfg.total_steps()))
+    return points
+
+
 def build_grid(spec: dict) -> list[Point]:
     """Every grid point, validated by loading its config (a bad key stops the sweep before any run)."""
+    if spec.get("arms"):
+        return build_arm_grid(spec)
     config, sets = spec.get("config"), list(spec.get("set") or [])
     optims = spec.get("optims") or [None]
     warmups = spec.get("warmup") or [None]
@@ -145,13 +200,15 @@ def load_spec(args) -> dict:
             raise SweepError(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(spec, dict):
             raise SweepError(f"{path}: a grid file is a mapping (config:, out:, optims:, ...)")
-        known = {"config", "out", "optims", "warmup", "lrs", "seeds", "axes", "set"}
+        known = {"config", "out", "optims", "warmup", "lrs", "seeds", "axes", "set", "arms"}
         unknown = set(spec) - known
         if unknown:
             raise SweepError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
         for key in ("optims", "warmup", "lrs", "seeds"):
             if spec.get(key) is not None and not isinstance(spec[key], list):
                 spec[key] = [spec[key]]
+        if spec.get("arms") is not None and not isinstance(spec["arms"], list):
+            raise SweepError(f"{path}: arms must be a list of {{name:, set:, seeds:}} mappings")
         if not isinstance(spec.get("axes") or {}, dict):
             raise SweepError(f"{path}: axes must map a config key to a list of values")
         sets = spec.get("set") or {}
@@ -174,7 +231,7 @@ def load_spec(args) -> dict:
         parse_override(item)  # a malformed one fails here with train.py's message
     if not spec.get("out"):
         raise SweepError("no output directory: give --out DIR (or out: in the grid file)")
-    if spec.get("optims") is None:
+    if spec.get("optims") is None and not spec.get("arms"):
         spec["optims"] = ["adamw", "am_adamw"]
     return spec
 
