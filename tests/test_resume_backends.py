@@ -1,7 +1,7 @@
 """Resume checks that hold on every backend: any checkpoint continues on any backend and world size,
 changed optimizer hyper-parameters, per-rank RNG states.
 
-Cross-backend resume (through the real launchers, 2 CPU ranks): a run stopped at step 3 by one backend
+Cross-backend resume (through the real launchers, 2 CPU ranks, or one process): a run stopped at step 3 by one backend
 and finished by another matches an uninterrupted single-process run, in loss and β (per-layer, at a
 learning rate where β leaves β_max), on the steps after the resume -- to float32 rounding, since the
 backends sum in different orders. Before the one checkpointer, each of these was refused.
@@ -50,6 +50,7 @@ CROSS = {  # name: (backend, ranks, overrides) of the first part, then of the se
     "zero2x2-to-fsdp2x2": (("deepspeed", 2, _ds(2)), ("fsdp2", 2, {"parallel.backend": "fsdp2"})),
     "fsdp2x2-to-zero3x2": (("fsdp2", 2, {"parallel.backend": "fsdp2"}), ("deepspeed", 2, _ds(3))),
     "ddp1-to-zero1x2": (("ddp", 1, {}), ("deepspeed", 2, _ds(1))),
+    "zero2x2-to-zero2x1": (("deepspeed", 2, _ds(2)), ("deepspeed", 1, _ds(2))),  # DeepSpeed itself, N -> M
 }
 
 
