@@ -28,7 +28,8 @@ Resume has two paths (docs/faults.md, "cross-backend resume"):
   DeepSpeed's on the same world size and ZeRO layout (stage, precision).
 * **whole per parameter** -- anything else (DeepSpeed <-> FSDP2 <-> DDP, ZeRO stage changes, DeepSpeed
   on another world size): :func:`read_full` reassembles every parameter's weights and optimizer state
-  by name in each process (DCP's reader; DeepSpeed's ``zero_to_fp32`` plus the AM layout files), and
+  by name in each process (DCP's reader; DeepSpeed's fp32 shards and AM state placed by the AM layout
+  files, see ``deepspeed_backend.read_zero_full``), and
   the backend cuts out what it keeps (:meth:`Backend.load_full`). Costs the whole model's fp32 weights
   and optimizer state in CPU memory of every process, once, at resume.
 
@@ -66,7 +67,7 @@ from typing import Callable
 import torch
 
 from .fault_injection import save_pause, save_sleep
-from .parallel.distributed import any_rank, barrier
+from .parallel.distributed import any_rank, barrier, say
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -212,9 +213,9 @@ class Checkpointer:
         meta = {**self.meta_now, "layout": backend.layout, "tokens": trainer.get("tokens", 0)}
         return save_checkpoint(self.run_dir, step, meta, write, info.is_main, self.cfg.checkpoint.keep)
 
-    def _say(self, line: str) -> None:
-        if self.info.is_main:
-            print(f"[checkpoint] {line}", flush=True)
+    @staticmethod
+    def _say(line: str) -> None:
+        say(f"[checkpoint] {line}")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -284,7 +284,7 @@ class DeepSpeedBackend(Backend):
     def load_full(self, model: dict, optim: dict | None) -> None:
         from . import deepspeed_backend as dsb
 
-        dsb.load_full(self.engine, model, optim)
+        dsb.load_full(self.engine, model, optim, self.param_names())
 
     def write(self, tmp: Path, model_state=None, optim_state=None) -> None:
         from . import deepspeed_backend as dsb

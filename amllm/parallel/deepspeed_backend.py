@@ -388,7 +388,7 @@ class ZeroAMAdapter(torch.optim.Optimizer):
             self._relink = False
         return None
 
-    # -- a checkpoint layout any backend can read (amllm/checkpointer.py) ------------------------
+    # -- a checkpoint layout any backend can read (amllm/checkpoint.py) ------------------------
     def layout(self, names: dict[int, str]) -> dict:
         """Where each element of this rank's AM state lives in the model: for piece ``i`` of
         ``self.am`` (its state dict's index ``i``), the fragments ``(fqn, start in the flattened
@@ -537,7 +537,7 @@ def save_checkpoint(engine, save_dir: str | os.PathLike, tag: str = "deepspeed")
     and ``am_state`` = π, last β, β step, fallback count) go into DeepSpeed's per-rank files. The
     layout file says which parameter elements each piece of this rank's AM state holds, so that
     :func:`read_zero_full` can reassemble the checkpoint per parameter for another backend or world
-    size. The trainer's state and the RNG streams are the checkpointer's (amllm/checkpointer.py).
+    size. The trainer's state and the RNG streams are the checkpointer's (amllm/checkpoint.py).
     """
     import torch.distributed as dist
 
@@ -560,10 +560,11 @@ def load_checkpoint(engine, load_dir: str | os.PathLike, tag: str = "deepspeed")
 
 
 @torch.no_grad()
-def load_full(engine, model: dict, optim: Optional[dict]) -> None:
+def load_full(engine, model: dict, optim: Optional[dict], param_names: list[list[str]]) -> None:
     """Load whole per-parameter state (another backend's or world size's checkpoint, see
     ``amllm.checkpoint.read_full``) into a built engine: ``model`` fqn -> fp32 tensor, ``optim``
-    torch's FQN-keyed optimizer state dict with ``am_state`` (None: weights only, fresh optimizer).
+    torch's FQN-keyed optimizer state dict with ``am_state`` (None: weights only, fresh optimizer);
+    ``param_names``: the names of each param group of the client optimizer (``Backend.param_names``).
 
     ZeRO-1/2/3: this rank's fp32 shards and AM state pieces are cut out of the whole tensors
     (:meth:`ZeroAMAdapter.load_full`); the bit16 weights the forward uses follow: ZeRO-1/2 hold them
@@ -572,24 +573,20 @@ def load_full(engine, model: dict, optim: Optional[dict]) -> None:
     from amllm import checkpoint as ckpt
 
     client = engine.basic_optimizer
-    names = {id(p): n for n, p in engine.module.named_parameters()}
-    if isinstance(client, ZeroAMAdapter):
-        client.load_full(model, optim, names)
-        if int(engine.zero_optimization_stage()) == 3:
-            for s in client._shards:
-                s.refresh()
-        else:
-            for n, p in engine.module.named_parameters():
-                p.data.copy_(model[n].reshape(p.shape))
-        return
-    if engine.optimizer is not client:
+    adapter = isinstance(client, ZeroAMAdapter)
+    if not adapter and engine.optimizer is not client:
         raise ConfigError(f"resuming another backend's checkpoint under DeepSpeed's {type(engine.optimizer).__name__} "
                           f"is not supported; use a ZeRO stage of 1-3, or resume it on the backend that wrote it")
-    for n, p in engine.module.named_parameters():
-        p.data.copy_(model[n].reshape(p.shape))
-    if optim is not None:
-        groups = [[names[id(p)] for p in g["params"]] for g in client.param_groups]
-        client.load_state_dict(ckpt.optimizer_by_index(optim, groups))
+    if adapter:
+        client.load_full(model, optim, {id(p): n for n, p in engine.module.named_parameters()})
+    if adapter and int(engine.zero_optimization_stage()) == 3:
+        for s in client._shards:
+            s.refresh()
+    else:
+        for n, p in engine.module.named_parameters():
+            p.data.copy_(model[n].reshape(p.shape))
+    if not adapter and optim is not None:
+        client.load_state_dict(ckpt.optimizer_by_index(optim, param_names))
 
 
 def read_zero_full(step_dir: str | os.PathLike, tag: str = "deepspeed", with_optimizer: bool = True) -> dict:
@@ -607,21 +604,19 @@ def read_zero_full(step_dir: str | os.PathLike, tag: str = "deepspeed", with_opt
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     root = Path(step_dir) / tag
-    layouts = sorted(root.glob("am_layout_rank*.pt"), key=lambda f: int(f.stem.rsplit("rank", 1)[1]))
+    layouts = [torch.load(f, weights_only=True) for f in sorted(
+        root.glob("am_layout_rank*.pt"), key=lambda f: int(f.stem.rsplit("rank", 1)[1]))]
     if not layouts and not with_optimizer:  # e.g. torch AdamW under ZeRO: DeepSpeed's own merge
         return {"model": {k: v.float().contiguous() for k, v in get_fp32_state_dict_from_zero_checkpoint(
             str(step_dir), tag=tag).items()}, "optim": None}
     if not layouts:
         raise ValueError(f"{root}: no am_layout_rank*.pt (a checkpoint of an older amllm, or not of an AM "
                          f"optimizer under ZeRO); it resumes only on the backend and world size that wrote it")
-    shapes = {}
-    for f in layouts:
-        shapes.update(torch.load(f, weights_only=True)["shapes"])
+    shapes = {fqn: shape for layout in layouts for fqn, shape in layout["shapes"].items()}
     model = {fqn: torch.zeros(math.prod(shape)) for fqn, shape in shapes.items()}
     state: dict[str, dict] = {}
     saved_groups, am_state, group_fqns = None, None, None
-    for r, layout_file in enumerate(layouts):
-        layout = torch.load(layout_file, weights_only=True)
+    for r, layout in enumerate(layouts):
         optim_file = next(root.glob(f"*zero_pp_rank_{r}_mp_rank_*_optim_states.pt"), None)  # bf16_... under bf16
         if optim_file is None:
             raise ValueError(f"{root}: no optimizer file of rank {r} (zero_pp_rank_{r}_*_optim_states.pt)")
