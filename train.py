@@ -38,6 +38,7 @@ from amllm.model import build_model, config_fingerprint, count_params, flops_per
 from amllm.optim_factory import last_beta
 from amllm.parallel import distributed as D
 from amllm.parallel.backend import make_backend
+from amllm.parallel.blocks import COMPILE_ERRORS, compile_error_line
 from amllm.schedule import lr_at
 
 
@@ -121,6 +122,9 @@ def main(argv=None) -> int:
             print(f"step {start_step}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
                   f"({result['val_tokens']:,} tokens)")
         return D.finish(0)
+
+    if cfg.train.compile:  # compile the evaluation path now: a problem stops the run here, not at its first eval
+        evaluate(model, val[:1], device, autocast, lockstep=backend.lockstep_eval)
 
     rundir.claim_run_dir(cfg, run_dir, is_main, rundir.checkpoint_bytes(backend.raw_model, cfg.optim.name))
     logger = MetricsLogger(run_dir, is_main, cfg.to_dict(), resume_step=start_step if resume_from else None,
@@ -286,6 +290,10 @@ def run_cli(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return D.finish(SAVE_FAILED_EXIT if isinstance(e, ckpt.CheckpointSaveError) else
                         NONFINITE_EXIT if isinstance(e, guard.NonFiniteError) else 2, sync=False)
+    except COMPILE_ERRORS as e:  # at start-up (the eval path is compiled before step 1) or at the first step
+        rundir.release_run_dirs()
+        print(f"error: {compile_error_line(e)}", file=sys.stderr)
+        return D.finish(2, sync=False)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ def evaluate(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch
         if i < len(batches):
             x, y = batches[i]
             weight = 1.0
-        else:  # a dummy forward that keeps collective forwards in step; contributes nothing
-            x = y = torch.zeros_like(batches[0][0][:1]) if batches else torch.zeros(1, 1, dtype=torch.long)
+        else:  # a dummy forward that keeps collective forwards in step; contributes nothing. It has a real
+            # batch's shape: a new shape would make compiled blocks compile again
+            x = y = torch.zeros_like(batches[0][0]) if batches else torch.zeros(1, 1, dtype=torch.long)
             weight = 0.0
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with ctx:

@@ -8,8 +8,10 @@ knows nothing about distribution: `amllm/parallel/` wraps it (DDP, FSDP2, DeepSp
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
+import types
 from pathlib import Path
 
 import torch
@@ -78,6 +80,61 @@ def load_llama_config(cfg: ModelConfig, vocab_size: int, eos_id: int | None = No
     return hf
 
 
+# The attention every LlamaLM uses for model.attn_implementation=sdpa(_*): transformers' own SDPA function,
+# registered under a name of ours WITHOUT a mask function. transformers then builds no mask (None) and SDPA
+# applies causality itself (is_causal=True, which also selects its flash kernels). That is exact here: the
+# sampler's windows are full (no padding) and documents inside a window attend across EOS, as in GPT/LLaMA
+# pretraining. It spares transformers' mask code, which, without a KV cache, checks the position ids for
+# packed sequences with a host read of a device value every forward.
+CAUSAL_SDPA = "amllm_causal_sdpa"
+
+
+def _register_causal_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+
+
+_register_causal_sdpa()
+
+
+def training_config(hf_config: LlamaConfig) -> LlamaConfig:
+    """The configuration a LlamaLM runs with: ``hf_config`` (left untouched: tools/export_hf.py saves it)
+    with no KV cache and, for SDPA, :data:`CAUSAL_SDPA`.
+
+    No KV cache anywhere, in training and in evaluation: a pretraining forward sees each window once. Set
+    here, on the config, it holds whatever the transformers release calls the layers' cache argument
+    (``cache`` in 5.25, ``past_key_values`` in 5.17). With a cache, every block called ``cache.update(...,
+    layer_idx)``, and a compiled block specialised on its layer index: one graph per block, and Dynamo's
+    recompile limit (8) hit at the first evaluation of any model with 8 or more blocks.
+    """
+    cfg = copy.deepcopy(hf_config)
+    cfg.use_cache = False
+    if cfg._attn_implementation == "sdpa":
+        cfg._attn_implementation = CAUSAL_SDPA
+    return cfg
+
+
+def drop_hub_kernel_routing(model: torch.nn.Module) -> int:
+    """Call transformers' own forward on modules that the ``kernels`` package wrapped; returns how many.
+
+    transformers >= 5.2x decorates LlamaAttention with ``kernels.use_kernelized_func``, whose forward sets a
+    context variable around every call so that hub kernels (``kernelize``, which we never call) could be routed
+    to. Inside a compiled, checkpointed block that assignment is a side effect Dynamo refuses ("HOP: Unsafe side
+    effect ... CompileableContextVar"). The wrapper is recognised by the module its code lives in (``kernels``)
+    and bypassed per instance; without the package (transformers 5.17) there is nothing to do.
+    """
+    n = 0
+    for module in model.modules():
+        forward = type(module).forward
+        home = getattr(forward, "__globals__", {}).get("__name__", "")
+        if home.split(".")[0] == "kernels" and hasattr(forward, "__wrapped__"):
+            module.forward = types.MethodType(forward.__wrapped__, module)
+            n += 1
+    return n
+
+
 class LlamaLM(LlamaForCausalLM):
     """transformers' LlamaForCausalLM, plus a training forward that returns the loss itself.
 
@@ -86,11 +143,17 @@ class LlamaLM(LlamaForCausalLM):
     norm) and returns the next-token cross entropy of ``lm_head(hidden)`` without the whole batch's
     logits when ``loss_chunk`` > 0 (see :func:`chunked_lm_loss`). The loss is computed inside
     ``forward`` so that DDP, FSDP2's root hooks (which gather the lm head) and the DeepSpeed engine
-    all see one ordinary forward call. Parameter names are LlamaForCausalLM's.
+    all see one ordinary forward call. Parameter names are LlamaForCausalLM's. It runs with
+    :func:`training_config` (no KV cache, causal SDPA) and without the hub-kernel routing wrapper
+    (:func:`drop_hub_kernel_routing`), so its blocks compile to one graph in training and evaluation.
     """
 
     loss_chunk: int = 0  # tokens per chunk of the loss; 0: the whole batch's logits (lm_loss)
     sdpa_backend = None  # a torch.nn.attention.SDPBackend every forward is restricted to (model.attn_implementation=sdpa_*)
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(training_config(config))  # no KV cache; causal SDPA without a mask
+        drop_hub_kernel_routing(self)
 
     def forward(self, input_ids=None, targets=None, reduction: str = "mean", **kwargs):
         if self.sdpa_backend is not None:
@@ -103,11 +166,6 @@ class LlamaLM(LlamaForCausalLM):
     def _forward(self, input_ids, targets, reduction, **kwargs):
         if targets is None:
             return super().forward(input_ids=input_ids, **kwargs)
-        # use_cache stays config.use_cache (True) as in LlamaForCausalLM's own training forward: without a cache,
-        # transformers' mask code reads a device value on the host (a packed-sequence check) every forward.
-        # The cache copies each layer's keys/values during the forward and is freed as the decoder returns,
-        # before the loss (the step's peak is not raised: tools/bench_memory.py; checkpointed and compiled
-        # blocks skip it).
         hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state  # (B, T, H), after the final norm
         if self.loss_chunk <= 0:
             return lm_loss(self.lm_head(hidden), targets, reduction)
@@ -251,7 +309,3 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         total = _chunked_ce(h, weight, y, int(chunk))
     return total / y.numel() if reduction == "mean" else total
 
-
-def transformer_blocks(model: LlamaForCausalLM) -> list[torch.nn.Module]:
-    """The decoder layers, the unit that FSDP2 shards and that per-block β groups follow."""
-    return list(model.model.layers)

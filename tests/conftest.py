@@ -23,16 +23,32 @@ if os.environ.get("AMLLM_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-@pytest.fixture(scope="session")
-def micro_model(tmp_path_factory) -> str:
-    """A 2-layer LLaMA small enough for multi-run tests on 2 CPU cores."""
-    path = tmp_path_factory.mktemp("models") / "micro.json"
+PAPER_DEPTHS = (8, 12, 24)  # blocks of the paper's 60M, 100M and 350M/1B models (configs/models/)
+
+
+def narrow_model_json(path: Path, depth: int) -> str:
+    """A LLaMA of the paper's depth at toy width (hidden 32): what compile, AC, eval, resume and
+    sharding see per block is there (one graph for ``depth`` blocks, ``depth`` FSDP units, cache
+    arguments per layer), at a cost dominated by the 32k-vocabulary embedding and head."""
     path.write_text(json.dumps({
         "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-        "num_key_value_heads": 2, "num_hidden_layers": 2, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        "num_key_value_heads": 2, "num_hidden_layers": depth, "hidden_act": "silu", "rms_norm_eps": 1e-6,
         "vocab_size": 32000, "max_position_embeddings": 256, "initializer_range": 0.02,
         "tie_word_embeddings": False}))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def narrow_model(tmp_path_factory):
+    """``narrow_model(depth)``: the path of a narrow LLaMA JSON with ``depth`` blocks."""
+    d = tmp_path_factory.mktemp("models")
+    return lambda depth: narrow_model_json(d / f"narrow{depth}.json", depth)
+
+
+@pytest.fixture(scope="session")
+def micro_model(narrow_model) -> str:
+    """The model of the train.py tests: the paper's smallest multi-block depth (8, LLaMA-60M's) at toy width."""
+    return narrow_model(8)
 
 
 @pytest.fixture(scope="session")

@@ -20,13 +20,16 @@ LRS = [3e-2, 2e-2, 2.5e-2, 1.5e-2, 1e-2, 2e-2]
 CLIP = 1.0
 
 
-def tiny_llama(seed: int = 0):
-    """2 blocks, hidden 32. mlp_bias with intermediate 63 gives odd-sized tensors, so flat
-    shards are padded (ZeRO-1/2 at the end of the last rank, ZeRO-3 per parameter)."""
+def tiny_llama(seed: int = 0, layers: int = 2):
+    """hidden 32; mlp_bias with intermediate 63 gives odd-sized tensors, so flat shards are padded
+    (ZeRO-1/2 at the end of the last rank, ZeRO-3 per parameter). 2 blocks for the oracle tests of the
+    sharded sums (exact element by element whatever the depth; at lr 3e-2 a deeper model's float32
+    trajectories part beyond the sums' element-wise tolerance within 4 steps); the compile and AC cases
+    take ``layers=8`` (LLaMA-60M's depth), and train.py's tests run 8-24 blocks (tests/test_depth.py)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=63, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=63, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
                       tie_word_embeddings=False, mlp_bias=True, attn_implementation="eager")
     return LlamaForCausalLM(cfg)

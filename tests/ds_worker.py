@@ -38,7 +38,7 @@ def make_engine(case: dict):
     from amllm.optim import AMAdamW
     from amllm.parallel.deepspeed_backend import build_engine
 
-    model = tiny_llama()
+    model = tiny_llama(layers=case.get("layers", 2))
     if case.get("loss_chunk"):
         model = as_llama_lm(model, case["loss_chunk"])
     if case.get("ac"):  # before the engine, as DeepSpeedBackend.setup does

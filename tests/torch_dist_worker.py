@@ -13,7 +13,7 @@ def build(case: dict, world: int):
 
     from amllm.optim import AMAdamW
 
-    model = tiny_llama()
+    model = tiny_llama(layers=case.get("layers", 2))
     if case.get("loss_chunk"):
         model = as_llama_lm(model, case["loss_chunk"])
     if case.get("ac") or case.get("compile"):  # before wrapping, as the backends do (amllm/parallel/blocks.py)

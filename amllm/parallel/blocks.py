@@ -1,16 +1,22 @@
 """What happens to the transformer blocks before a backend wraps the model, in torchtitan's order:
 activation checkpointing, then compilation, then sharding / DDP (done by the backend).
 
-* Activation checkpointing (``train.activation_checkpointing``) uses transformers' own per-layer
-  mechanism (``activation_checkpointing_enable``, non-reentrant ``torch.utils.checkpoint``): it
-  checkpoints a block's ``forward``, so module hooks -- FSDP2's all-gathers -- stay outside the
-  checkpoint and parameter names do not change (checkpoints, DCP and HF export are untouched).
-* Compilation (``train.compile``) compiles each block's forward (AC included) with
-  ``fullgraph=True``: a graph break is an error, not a silent fallback. The hooks of FSDP2 (and
-  DDP's gradient hooks) stay outside the compiled region, which is why the forward is compiled
-  rather than the module's ``__call__``. Identical blocks share one graph (no recompile per block:
-  tests/test_perf.py counts the frames compiled). DeepSpeed compiles its engine itself
-  (``engine.compile()`` in ``deepspeed_backend.build_engine``).
+Both act on a block's ``forward`` (an instance attribute calling :func:`_block_forward`), never on
+``__call__``: module hooks -- FSDP2's all-gathers and reshards, DDP's gradient hooks -- stay outside the
+checkpoint (they do not run again in the recompute) and outside the compiled region, and parameter
+names do not change (checkpoints, DCP and HF export are untouched).
+
+* Activation checkpointing (``train.activation_checkpointing``): ``torch.utils.checkpoint`` (non-reentrant,
+  no RNG replay: LLaMA has no dropout -- torchtitan's choice) around the block's own forward, applied
+  here rather than through transformers' ``activation_checkpointing_enable``/``gradient_checkpointing_enable``,
+  whose name, arguments and cache handling differ between the releases we support (5.17 .. 5.25).
+* Compilation (``train.compile``): each block's forward (AC included) under ``torch.compile(fullgraph=True)``:
+  a graph break is an error, not a silent fallback. The blocks are identical modules and run without a KV
+  cache (``model.training_config``), so all of them share ONE graph in training and one in evaluation, at
+  any depth (tests/test_depth.py counts the graphs of 8-, 12- and 24-block models). DeepSpeed compiles its
+  engine itself (``engine.compile()`` in ``deepspeed_backend.build_engine``).
+* :func:`check_compiled_eval` runs one evaluation forward at start-up, so that a compile problem in the
+  eval path stops the run in one line before the first step, not at the first evaluation hours later.
 """
 
 from __future__ import annotations
@@ -19,8 +25,48 @@ import functools
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..model import drop_hub_kernel_routing
 
 AC_MODES = ("none", "full", "selective")
+_AC = "_amllm_checkpointed"  # the block attribute that marks a checkpointed block
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformers decoder (``model.model.layers`` for LLaMA): the unit that
+    AC, compile and FSDP2 act on and that per-block β groups follow."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks"):
+            return list(module)
+    raise ValueError(f"{type(model).__name__} has no ModuleList of transformer blocks (layers/h/blocks)")
+
+
+def _block_forward(block: nn.Module, *args, **kwargs):
+    # looked up at call time: FSDP2 swaps the block's class (FSDP<Layer>) after this was installed
+    forward = functools.partial(type(block).forward, block)
+    # the flag is read last: evaluation does not look at it, so its graph is shared by all blocks
+    if block.training and torch.is_grad_enabled() and getattr(block, _AC, False):
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def _install(block: nn.Module) -> None:
+    if "forward" not in vars(block):
+        block.forward = functools.partial(_block_forward, block)
+
+
+def _plain_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks, with the model made safe to checkpoint and compile them. ``LlamaLM`` already is
+    (``model.training_config``, ``model.drop_hub_kernel_routing``); this also covers a plain transformers
+    model handed to us: no KV cache (a checkpointed block would write it again in the recompute, a
+    compiled one specialises on its layer index through it) and no hub-kernel routing wrapper (a side
+    effect Dynamo refuses inside a checkpoint)."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", False):
+        config.use_cache = False
+    drop_hub_kernel_routing(model)
+    return transformer_blocks(model)
 
 
 def apply_ac(model: nn.Module, mode: str, every: int = 2) -> list[int]:
@@ -31,31 +77,19 @@ def apply_ac(model: nn.Module, mode: str, every: int = 2) -> list[int]:
     if mode == "none":
         return []
     k = 1 if mode == "full" else int(every)
-    # preserve_rng_state=False: LLaMA has no dropout, so the recompute needs no RNG replay (torchtitan's choice)
-    model.activation_checkpointing_enable(
-        activation_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False}, every_n_layers=k)
-    blocks = set(map(id, _blocks(model)))
-    for module in model.modules():  # only the blocks checkpoint; the decoder itself must not turn its KV cache
-        if id(module) not in blocks and hasattr(module, "gradient_checkpointing"):  # off: without one, transformers'
-            module.gradient_checkpointing = False  # mask code reads a device value on the host every forward
-    return [i for i, b in enumerate(_blocks(model)) if getattr(b, "gradient_checkpointing", False)]
-
-
-def _block_forward(block: nn.Module, *args, **kwargs):
-    # looked up at call time: FSDP2 swaps the block's class (FSDP<Layer>), and transformers' AC
-    # wrapper checkpoints only through the outermost class's forward
-    if block.training and torch.is_grad_enabled():
-        # a training step has no use for the KV cache the decoder passes down (LlamaLM keeps it on only to
-        # spare the mask code a host read); without it, the AC wrapper has nothing to warn about -- a
-        # logging call inside the compiled graph would be a graph break
-        kwargs.update(cache=None, use_cache=False)
-    return type(block).forward(block, *args, **kwargs)
+    chosen = []
+    for i, block in enumerate(_plain_blocks(model)):
+        if i % k == 0:
+            setattr(block, _AC, True)
+            _install(block)
+            chosen.append(i)
+    return chosen
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     """``torch.compile`` (fullgraph) each block's forward; the model stays an ordinary module with
     its parameter names. Returns the number of blocks compiled."""
-    blocks = _blocks(model)
+    blocks = _plain_blocks(model)
     for block in blocks:
         block.forward = torch.compile(functools.partial(_block_forward, block), fullgraph=True, **compile_kwargs)
     return len(blocks)
@@ -69,7 +103,13 @@ def prepare_blocks(model: nn.Module, train_cfg, compile: bool = True) -> nn.Modu
     return model
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    from .fsdp import transformer_blocks
+# What a failed torch.compile raises: Dynamo's own errors (graph breaks under fullgraph, unsupported side
+# effects, Inductor failures) and the recompile limit under fullgraph, which is not one of them.
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
 
-    return transformer_blocks(model)
+
+def compile_error_line(e: BaseException) -> str:
+    """One line for a :data:`COMPILE_ERRORS` error: what failed and how to go on."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return (f"train.compile=true: the model does not compile ({type(e).__name__}: {first[:300]}); "
+            f"run with train.compile=false, or set TORCHDYNAMO_VERBOSE=1 for the whole trace")

@@ -25,13 +25,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a transformers decoder (``model.model.layers`` for LLaMA)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks"):
-            return list(module)
-    raise ValueError(f"{type(model).__name__} has no ModuleList of transformer blocks (layers/h/blocks)")
+from .blocks import transformer_blocks
 
 
 def mixed_precision_policy(precision: str):
