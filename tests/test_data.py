@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.compat  # also at the oldest declared versions (.ci/run)
+
 from amllm.config import DataConfig
 from amllm.data import DataError, load_shards, load_tokenizer, prepare, sotu_split, train_sentencepiece
 from amllm.data import shards as shards_mod

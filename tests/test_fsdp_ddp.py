@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from tests.dist_cases import free_port, reference_run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.compat]
 
 STEPS = 4
 FP32 = dict(rtol=2e-5, atol=1e-6)

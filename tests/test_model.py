@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+pytestmark = pytest.mark.compat  # also at the oldest declared versions (.ci/run)
+
 from amllm.config import ConfigError, ModelConfig
 from amllm.model import MODELS_DIR, build_model, count_params, flops_per_token, load_llama_config, lm_loss
 

@@ -27,6 +27,7 @@ def final_params(run: Path, step: int) -> dict:
     return full_model_state(run / f"step-{step}")
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("optim, impl", [("adamw", "auto"), ("am_adamw", "auto"), ("am_adamw", "fused")])
 def test_resume_is_bit_exact(train_overrides, tmp_path, optim, impl):
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -55,6 +56,7 @@ def ckpt_dirs(run: Path) -> list[Path]:
     return list_checkpoints(run)
 
 
+@pytest.mark.compat
 def test_eval_only_and_hf_export_round_trip(train_overrides, tmp_path):
     run = tmp_path / "run"
     assert train.main(train_overrides(run)) == 0
@@ -111,6 +113,7 @@ def _same_run(a: Path, b: Path, step: int) -> None:
         assert torch.allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6), k
 
 
+@pytest.mark.compat
 @pytest.mark.slow
 def test_ddp_two_ranks_match_one_process(train_overrides, tmp_path):
     """Same global batch (4 sequences): 1 process x 2 micro-steps vs 2 DDP ranks x 1 micro-step."""
@@ -243,6 +246,7 @@ def _deepspeed(overrides: list[str], env_extra=None) -> subprocess.CompletedProc
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.compat
 @pytest.mark.slow
 def test_fsdp2_via_torchrun_matches_one_process_and_resumes_on_one(train_overrides, tmp_path):
     """parallel.backend=fsdp2 on 2 ranks = 1 process; saved on 2 ranks (a pre-emption at step 4),

@@ -1,7 +1,7 @@
 """`pip install amllm` gives the optimizers with torch alone: the wheel, in a fresh virtualenv.
 
 Builds the wheel from this checkout, installs it into a new virtualenv that sees none of this
-environment's packages (torch comes from the same constraints file as the README's commands), and
+environment's packages (torch comes from the same lock as the README's commands), and
 runs a training loop with AMAdamW and AMSGD there. The trainer's packages must NOT have come along.
 """
 
@@ -53,7 +53,7 @@ def test_optimizer_only_wheel_in_a_fresh_venv(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("amllm-*.whl")
     venv.create(tmp_path / "venv", with_pip=True)  # no system site-packages
     py = str(tmp_path / "venv" / "bin" / "python")
-    env = {**os.environ, "PIP_CONSTRAINT": str(ROOT / "constraints.txt")}
+    env = {**os.environ, "PIP_CONSTRAINT": str(ROOT / "requirements" / "lock.txt")}
     env.pop("PYTHONPATH", None)
     run([py, "-m", "pip", "install", "-q", str(wheel)], env=env)
     out = run([py, "-c", LOOP], env=env, cwd=tmp_path)  # not the checkout: the installed package only
