@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
+from .config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -204,19 +204,6 @@ def any_rank(flag: bool) -> bool:
     flags = [None] * dist.get_world_size()
     dist.all_gather_object(flags, bool(flag))
     return any(flags)
-
-
-def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """DDP for world > 1. Every rank then holds the full averaged gradient, so AM optimizers
-    must NOT reduce their statistics again (reducer=None): that would count them N times."""
-    if not info.distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    device_ids = [info.device.index] if info.device.type == "cuda" else None
-    # gradients are views into DDP's all-reduce buckets: no copy in or out of the buckets, and no
-    # second gradient-sized buffer (the optimizer reads .grad in place; zero_grad(set_to_none) is fine)
-    return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def cleanup() -> None:

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from .model import lm_loss
-from .parallel.distributed import is_dist
+from .distributed import is_dist
 
 
 @torch.no_grad()

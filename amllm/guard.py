@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .parallel import distributed as D
-from .parallel.distributed import say
+from . import distributed as D
+from .distributed import say
 
 
 class NonFiniteError(RuntimeError):

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from .config import Config, ConfigError, load_config, save_config
-from .parallel import distributed as D
-from .parallel.distributed import say
+from . import distributed as D
+from .distributed import say
 
 
 def check_output_dir(run_dir: Path) -> None:

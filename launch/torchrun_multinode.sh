@@ -14,7 +14,7 @@ source launch/_common.sh
 : "${NNODES:=1}" "${NODE_RANK:=0}" "${MASTER_ADDR:=127.0.0.1}" "${MASTER_PORT:=29500}"
 # Restarts: 0 by default. torchrun's --max-restarts restarts this node's workers when one dies, but
 # across nodes each agent counts restarts on its own, and a restarted process group can read the
-# dead attempt's addresses from torchrun's store (see _restart_store in amllm/parallel/distributed.py):
+# dead attempt's addresses from torchrun's store (see _restart_store in amllm/distributed.py):
 # restart multi-node jobs at the job level instead (resubmit / SLURM --requeue; train.py resumes
 # from the last checkpoint). MAX_RESTARTS=N opts back in, e.g. on a single node.
 : "${MAX_RESTARTS:=0}"

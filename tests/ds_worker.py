@@ -109,19 +109,20 @@ def run_cases(rank: int, world: int, port: int, cases: list, out_path: str) -> N
 
     from amllm import checkpoint as ckpt
     from amllm.parallel import deepspeed_backend as dsb
+    from amllm.parallel.zero_adapter import ZeroAMAdapter
 
     deepspeed.init_distributed(dist_backend=None)
     results = {}
     for case in cases:
         name = case["name"]
         n_steps = case.get("steps", 4)
-        orig_bind = dsb.ZeroAMAdapter.bind
+        orig_bind = ZeroAMAdapter.bind
         if case.get("poison_padding"):
             def bind(self, ds_opt, _orig=orig_bind):
                 case["_poisoned"] = poison_zero3_padding(ds_opt)
                 _orig(self, ds_opt)
 
-            dsb.ZeroAMAdapter.bind = bind
+            ZeroAMAdapter.bind = bind
         if case.get("nccl_like_dp"):
             # the adapter sees a data-parallel group with no CPU backend, as NCCL is, while DeepSpeed's
             # own collectives keep the gloo group (its engine cannot run on a CUDA-only group on a CPU)
@@ -135,7 +136,7 @@ def run_cases(rank: int, world: int, port: int, cases: list, out_path: str) -> N
                 finally:
                     ds_opt.real_dp_process_group = real
 
-            dsb.ZeroAMAdapter.bind = bind
+            ZeroAMAdapter.bind = bind
         try:
             engine = make_engine(case)
         except Exception as e:  # a refusal the test expects
@@ -144,7 +145,7 @@ def run_cases(rank: int, world: int, port: int, cases: list, out_path: str) -> N
             results[name] = {"error": f"{type(e).__name__}: {e}"}
             continue
         finally:
-            dsb.ZeroAMAdapter.bind = orig_bind
+            ZeroAMAdapter.bind = orig_bind
         res = {"engine_optimizer": type(engine.optimizer).__name__}
         ds_opt = engine.optimizer
         res["n_shards"] = len(getattr(engine.basic_optimizer, "_shards", []))

@@ -105,7 +105,7 @@ def test_deepspeed_version_range_is_checked_and_matches_pyproject():
     import re
     import warnings
 
-    from amllm.parallel.deepspeed_backend import DEEPSPEED_TESTED, check_deepspeed_version
+    from amllm.parallel.deepspeed_compat import DEEPSPEED_TESTED, check_deepspeed_version
 
     low, high = DEEPSPEED_TESTED
     pins = re.findall(r'"deepspeed([<>=][^"]*)"', (ROOT / "pyproject.toml").read_text())

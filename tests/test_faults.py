@@ -315,7 +315,7 @@ def test_bad_config_writes_nothing(base, tmp_path, extra, message):
 
 
 def test_batch_not_divisible_by_world_size(base, tmp_path, monkeypatch):
-    from amllm.parallel.distributed import DistInfo
+    from amllm.distributed import DistInfo
 
     run = tmp_path / "run"  # a 2-rank launch, emulated: the check fires before any collective
     monkeypatch.setattr(train.D, "init_distributed", lambda *a, **k: DistInfo(0, 2, 0, torch.device("cpu")))

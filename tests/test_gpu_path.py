@@ -163,7 +163,7 @@ def _weights_equal(a: dict, b: dict) -> bool:
 
 
 def _model_at(run: Path, step: int) -> dict:
-    from amllm.checkpoint import full_model_state
+    from amllm.parallel.full_state import full_model_state
 
     return full_model_state(run / f"step-{step}")
 

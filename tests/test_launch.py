@@ -1,5 +1,5 @@
 """Launching: the launchers' command lines (--dry-run), the SLURM pre-emption signal, and the wait of
-the other ranks while rank 0 tokenizes (train.py's data section, amllm.parallel.distributed.main_first)."""
+the other ranks while rank 0 tokenizes (train.py's data section, amllm.distributed.main_first)."""
 from __future__ import annotations
 
 import datetime
@@ -26,7 +26,7 @@ class FakeDataError(Exception):
 def _prepare_worker(rank: int, world: int, port: int, case: str, q) -> None:
     setup_env(rank, world, port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=2))
-    from amllm.parallel import distributed as D
+    from amllm import distributed as D
 
     def slow_prepare():  # longer than the default group's timeout, which a plain barrier would hit
         time.sleep(4)
@@ -146,7 +146,7 @@ def test_fsdp2_in_one_process_gets_a_one_rank_group():
     fully_shard needs one: FSDP2Backend.setup starts a one-rank group (in-process store, no port)."""
     code = """
 import torch
-from amllm.parallel.distributed import ensure_process_group
+from amllm.distributed import ensure_process_group
 from amllm.parallel.fsdp import apply_fsdp2
 from amllm.optim import AMAdamW
 from tests.dist_cases import tiny_llama, global_batch

@@ -79,7 +79,7 @@ def test_model_json_rejected_by_transformers_is_one_config_error(tmp_path, chang
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda_is_one_config_error():
-    from amllm.parallel.distributed import pick_device
+    from amllm.distributed import pick_device
 
     with pytest.raises(ConfigError, match=r"train.device=cuda but no CUDA device is visible"):
         pick_device("cuda", 0)

@@ -55,7 +55,7 @@ def _worker(rank: int, world: int, port: int, q) -> None:
     try:
         from amllm.optim import AMAdamW
         from amllm.optim.reduce import process_group_reducer
-        from amllm.parallel.deepspeed_backend import ZeroAMAdapter
+        from amllm.parallel.zero_adapter import ZeroAMAdapter
 
         out = {}
         try:  # the reducer itself names the fix instead of c10d's message

@@ -22,7 +22,7 @@ def metrics(run: Path, kind: str = "train") -> list[dict]:
 
 
 def final_params(run: Path, step: int) -> dict:
-    from amllm.checkpoint import full_model_state
+    from amllm.parallel.full_state import full_model_state
 
     return full_model_state(run / f"step-{step}")
 

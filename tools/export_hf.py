@@ -21,7 +21,7 @@ from amllm.data import DataError, load_tokenizer  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from amllm.model import load_llama_config  # noqa: E402
-from amllm.checkpoint import full_model_state  # noqa: E402
+from amllm.parallel.full_state import full_model_state  # noqa: E402
 
 
 def resolve_checkpoint(path: Path) -> Path:

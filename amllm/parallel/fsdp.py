@@ -1,4 +1,4 @@
-"""FSDP2 (``fully_shard``) for the trainer, and DCP checkpoints that reshard N ranks -> M ranks.
+"""FSDP2 (``fully_shard``) for the trainer (:class:`FSDP2Backend`), and DCP checkpoints that reshard N ranks -> M ranks.
 
 AM optimizers need nothing FSDP-specific: built over the sharded model's parameters (DTensors)
 with ``reducer=None``, they sum their partial statistics over the local shards and all-reduce
@@ -17,15 +17,21 @@ advanced by one step).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .blocks import transformer_blocks
+from ..distributed import ensure_process_group
+from ..guard import NonFiniteGuard
+from ..optim_factory import build_optimizer
+from .backend import Backend, LoadOptimizer, clip_and_step
+from .blocks import prepare_blocks, transformer_blocks
 
 
 def mixed_precision_policy(precision: str):
@@ -181,3 +187,43 @@ def load_full(model: nn.Module, optimizer, full: dict) -> None:
         sd = optimizer.state_dict()
         sd["am_state"] = full["optim"]["am_state"]
         optimizer.load_state_dict(sd)
+
+
+class FSDP2Backend(Backend):
+    """``fully_shard`` per block and root; the AM optimizer all-reduces its partial sums over the DTensor
+    mesh itself; DCP checkpoints that reshard N -> M."""
+
+    name = "fsdp2"
+    lockstep_eval = True
+
+    def setup(self, model: nn.Module) -> None:
+        ensure_process_group(self.info.device)  # fully_shard needs a group, also in one process
+        prepare_blocks(model, self.cfg.train)  # AC, then per-block compile, then fully_shard
+        self.raw_model = self.model = apply_fsdp2(model, self.cfg.train.precision,
+                                                  reshard_after_forward=self.cfg.parallel.reshard_after_forward)
+        self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device)
+        self._take_names(self.optimizer)
+
+    def micro_step(self, last: bool):
+        # reduce-scatter gradients once per optimizer step, not once per micro-batch
+        self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()  # MixedPrecisionPolicy casts: no autocast either
+
+    def optimizer_step(self, loss_sum: torch.Tensor, guard: NonFiniteGuard, stop: bool = False) -> None:
+        self._norm = clip_and_step(self, loss_sum, guard, stop)
+
+    def grad_norm(self) -> float:
+        return self._norm.item()
+
+    def reads_natively(self, meta: dict, world_size: int) -> bool:
+        return meta.get("layout", meta.get("backend")) == "fsdp2"  # DCP reshards N -> M itself
+
+    def write(self, tmp: Path, model_state: Optional[dict] = None, optim_state: Optional[dict] = None) -> None:
+        save_dcp(tmp / "dcp", self.model, self.optimizer)
+
+    def read(self, path: Path, load_optimizer: Optional[LoadOptimizer]) -> None:
+        # DCP loads the optimizer state in place; the hyper-parameters were checked from trainer.pt
+        load_dcp(path / "dcp", self.model, self.optimizer if load_optimizer is not None else None)
+
+    def load_full(self, model: dict, optim: Optional[dict]) -> None:
+        load_full(self.model, self.optimizer if optim is not None else None, {"model": model, "optim": optim})
