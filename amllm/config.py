@@ -3,7 +3,7 @@
 A run is described by a :class:`Config`. It is built from (in order of precedence, last wins):
 
 1. the dataclass defaults below (the default job: a short CPU run on the embedded corpus),
-2. a YAML recipe (``configs/*.yaml``); a recipe may name ``base: other.yaml`` (relative to
+2. a YAML recipe (``configs/c4/*.yaml``, ``configs/cpu/*.yaml``); a recipe may name ``base: other.yaml`` (relative to
    itself) whose values it overrides, so the paper's grid is a few lines per recipe,
 3. command-line overrides ``section.key=value`` (values parsed as YAML: ``optim.lr=3e-3``,
    ``optim.per_layer=true``, ``schedule.warmup_steps=0``).
@@ -327,9 +327,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-
-    def __post_init__(self) -> None:
-        _check(self.eval.micro_batch_size > 0, "eval.micro_batch_size must be > 0")
 
     def total_steps(self) -> int:
         """Optimizer steps of the run: from the token budget when set, else train.max_steps."""
