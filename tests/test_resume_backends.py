@@ -24,6 +24,7 @@ import torch
 import torch.multiprocessing as mp
 
 from amllm import checkpoint as ckpt
+from amllm.parallel.full_state import read_full
 from conftest import ROOT, free_port
 from tests.dist_cases import cli_env, train_cli
 
@@ -100,8 +101,39 @@ def test_a_checkpoint_resumes_on_another_backend_and_world_size(case, uninterrup
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             theirs = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="deepspeed")
-            ours = ckpt.read_full(step_dir)["model"]
+            ours = read_full(step_dir)["model"]
             assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k].float()) for k in theirs)
+
+
+# ---- another optimizer on every backend ------------------------------------------------------------------
+
+ANOTHER = {"ddp": ("ddp", {}), "fsdp2": ("fsdp2", {"parallel.backend": "fsdp2"}),
+           "deepspeed": ("deepspeed", _ds(2))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2", pytest.param("deepspeed", marks=pytest.mark.deepspeed)])
+def test_another_optimizer_is_refused_then_starts_fresh_from_the_weights(backend, uninterrupted, micro_model, data_dir,
+                                                                          tmp_path):
+    """An am_adamw checkpoint resumed with optim.name=adamw on 2 ranks: refused in one line, then with
+    checkpoint.allow_changes=[optimizer] the weights load and AdamW starts fresh -- the loss of step 4
+    (computed before its update, on the step-3 weights) is the uninterrupted AM-AdamW run's. Before, FSDP2
+    died on the optimizer state's missing keys (amsgrad) and DeepSpeed ZeRO-2 with a KeyError."""
+    if backend == "deepspeed":
+        pytest.importorskip("deepspeed")
+    name, over = ANOTHER[backend]
+    run = tmp_path / "run"
+    rc, out = _run(name, _overrides(micro_model, data_dir, run, **over), AMLLM_TEST_STOP_AT_STEP="3")
+    assert (run / "step-3" / "meta.json").is_file(), out[-3000:]
+    adamw = {**over, "optim.name": "adamw", "optim.per_layer": False}
+    rc, out = _run(name, _overrides(micro_model, data_dir, run, **adamw))
+    assert rc != 0 and "saved with optimizer 'am_adamw', this run has 'adamw'" in out, out[-3000:]
+    assert "checkpoint.allow_changes=[optimizer]" in out and not (run / "step-6").exists()
+    rc, out = _run(name, _overrides(micro_model, data_dir, run, **adamw, **{"checkpoint.allow_changes": "[optimizer]"}))
+    assert rc == 0 and "optimizer state starts fresh" in out, out[-3000:]
+    got = _train_records(run)
+    assert got[4]["loss"] == pytest.approx(uninterrupted[4]["loss"], rel=2e-5, abs=0), (got[4], uninterrupted[4])
+    assert got[6]["beta"] is None and (run / "step-6" / "meta.json").is_file()  # AdamW trained on: no β
 
 
 # ---- hyper-parameters and RNG on every backend ---------------------------------------------------------
