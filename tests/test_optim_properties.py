@@ -4,6 +4,7 @@ bf16, checkpoints, validation, the flat-shard layer hook, a convex sanity check.
 import io
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -455,6 +456,36 @@ def test_fused_fallbacks(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _cpu_ext.load() is None and "AMLLM_CPU_KERNELS=0" in _cpu_ext._status
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_run(tmp_path):
+    """torch's build lock is a plain file: a build killed mid-way (SIGKILL, a CI timeout) leaves
+    ``<build>/lock`` behind and torch then waits on it forever, even with the module built (CI
+    hung 15 minutes on that). A fresh process must drop the stale file and load the kernels.
+    Another torch release shares no build folder with this one (the name carries the version)."""
+    import subprocess
+    import sys
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from amllm.optim import _cpu_ext
+
+    if _cpu_ext.load() is None:
+        pytest.skip(f"the fused CPU kernels are unavailable here: {_cpu_ext._status}")
+    name = _cpu_ext._ext.__name__
+    assert torch.__version__.split("+")[0].replace(".", "_") in name
+    stale = Path(_get_build_directory(name, verbose=False)) / "lock"
+    stale.write_text("")
+    code = ("import warnings; warnings.simplefilter('always'); from amllm.optim import _cpu_ext; "
+            "m = _cpu_ext.load(); print('loaded', m.__name__ if m else _cpu_ext._status)")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the load waited on the stale build lock")
+    finally:
+        stale.unlink(missing_ok=True)
+    assert out.returncode == 0 and f"loaded {name}" in out.stdout, out.stderr[-2000:]
+    assert "left by a build that was killed" in out.stderr
 
 
 def test_cpu_kernels_do_not_depend_on_thread_count():

@@ -9,16 +9,24 @@ spill a cascade-summation stack to memory, and each per-tensor compiled call cos
 ~50 us of Python (see docs/optimizer.md for the measurements).
 
 Build: ``torch.utils.cpp_extension.load`` (g++ with OpenMP and ninja, ~25 s once;
-cached under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; a file
-lock makes concurrent ranks build once). The extension name carries the CPU capability
-torch detected and the vector flags match it, so a cache shared by nodes with different
-CPUs never loads code for the wrong instruction set. Where the build fails (no
+cached under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). The
+extension name carries the CPU capability torch detected (the vector flags match it) and
+the torch version, so a cache shared by nodes with different CPUs, or by virtualenvs with
+different torch releases, never loads code built for another instruction set or ABI.
+
+Concurrent builders (the ranks of a run, two hosts on a shared home, two test jobs) are
+serialised by an ``flock`` next to the build folder, which the kernel releases when its
+holder dies. torch's own lock is a plain file (``<build>/lock``) that a build killed
+mid-way (SIGKILL, a timeout) leaves behind, and every later process would wait on it
+forever; holding the flock, we know no live amllm process is building, so such a file is
+stale and is removed with a warning. Where the build fails (no
 compiler, no ninja, an exotic platform) one warning is issued and callers fall back to
 the compiled or foreach path. ``AMLLM_CPU_KERNELS=0`` turns the kernels off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -62,6 +70,32 @@ def _announce_build(name: str) -> None:
         pass
 
 
+@contextlib.contextmanager
+def _build_lock(name: str):
+    """Hold an ``flock`` beside the build folder of ``name``; inside it, drop a stale torch lock."""
+    try:
+        import fcntl
+
+        from torch.utils.cpp_extension import _get_build_directory  # private; where torch builds `name`
+
+        folder = Path(_get_build_directory(name, verbose=False))
+        handle = open(folder.parent / f"{name}.amllm-lock", "a+")
+    except Exception:  # no fcntl (Windows), unwritable cache: torch's own lock alone, as before
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        stale = folder / "lock"
+        if stale.exists():
+            warnings.warn(f"amllm.optim: removing {stale}, left by a build that was killed; building again",
+                          RuntimeWarning, stacklevel=4)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _reason(e: Exception) -> str:
     """One line for a failed build: the compiler's first ``error:`` line if there is one
     (torch's message starts with ninja's long command line), else the first line."""
@@ -78,18 +112,20 @@ def load():
             _status = "disabled by AMLLM_CPU_KERNELS=0"
             return None
         cap = _capability()
-        name = f"amllm_am_cpu_v{_VERSION}_{re.sub(r'[^a-z0-9]+', '_', cap.lower())}"  # e.g. "NO AVX"
+        tag = re.sub(r"[^a-z0-9]+", "_", f"{cap}_torch{torch.__version__}".lower())  # e.g. "NO AVX", "2.11.0+cu130"
+        name = f"amllm_am_cpu_v{_VERSION}_{tag}"
         try:
             from torch.utils.cpp_extension import load as _load
 
-            _announce_build(name)
-            _ext = _load(
-                name=name,
-                sources=[str(_SRC)],
-                extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *_ARCH_FLAGS.get(cap, [])],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
+            with _build_lock(name):
+                _announce_build(name)
+                _ext = _load(
+                    name=name,
+                    sources=[str(_SRC)],
+                    extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", *_ARCH_FLAGS.get(cap, [])],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
             _status = "ok"
         except Exception as e:  # no compiler / ninja / headers: the other paths still work
             _status = _reason(e)
