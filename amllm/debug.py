@@ -1,131 +1,250 @@
-"""Host reads of device values: counted on any device, refused on unlogged steps with ``train.sync_debug``.
+"""Host syncs: counted on any device, refused on quiet steps with ``train.sync_debug``.
 
-:class:`HostReads` is the CPU stand-in for ``torch.cuda.set_sync_debug_mode``.
+:class:`HostReads` is the CPU stand-in for ``torch.cuda.set_sync_debug_mode("error")``. On a GPU,
+every call that waits for the device stalls the CPU until the GPU queue drains. On the CPU there is no
+queue, but the same calls happen in the same places, so counting them here proves what a GPU run would
+do. Counted, one class each (every class CUDA's error mode refuses):
 
-On a GPU every read of a device value on the host (``.item()``, ``bool(t)``, ``.tolist()``, a copy to
-the host) stalls the CPU until the GPU queue drains. On CPU there is no queue, but the same calls
-still happen in the same places, so counting them here proves what a GPU run would do:
+| class                | what is seen                                                                      |
+|----------------------|-----------------------------------------------------------------------------------|
+| ``read``             | ``aten._local_scalar_dense`` (``.item()``, ``bool()``, ``float()``, ``int()``), ``aten.equal`` |
+| ``tolist``/``numpy`` | ``Tensor.tolist`` / ``Tensor.numpy`` (they read memory below the dispatcher: wrapped) |
+| ``device->host``     | a copy from a non-CPU tensor into a CPU one (``.cpu()``, ``.to("cpu")``)           |
+| ``host->device``     | a blocking copy from a CPU tensor to another device (``non_blocking=False``)       |
+| ``synchronize``      | ``torch.cuda.synchronize``, ``Stream/Event.synchronize``, ``torch.accelerator.synchronize``, DeepSpeed's ``get_accelerator().synchronize`` |
+| ``cuda-sync op``     | ops whose output size depends on the data, so CUDA must wait for it: ``nonzero`` (``torch.where(c)``), ``masked_select``, boolean-mask indexing and assignment, ``bincount``, ``unique*``, ``repeat_interleave`` without ``output_size`` |
 
-    with HostReads() as reads:
-        train_steps()
-    assert reads.count == 0, reads.where
+On a CPU-only run the two copy classes cannot occur (there is one device); a test plants them with the
+``meta`` device. Each hit records the innermost frame outside torch, so a failure says where.
 
-Counted: ``aten._local_scalar_dense`` (``.item()``, ``bool()``, ``float()``, ``int()`` of a tensor,
-seen through a ``TorchDispatchMode``), ``Tensor.tolist`` and ``Tensor.numpy`` (they read memory
-directly, below the dispatcher, so they are wrapped), and copies whose source is not on the CPU and
-whose destination is (``.cpu()``, ``.to("cpu", non_blocking=True)``; only possible on a GPU). Each
-hit records the innermost ``amllm``/``train.py``/test frame, so a failure says where.
+DeepSpeed's own syncs (frames inside the ``deepspeed`` package: ``torch.cuda.synchronize`` every step with
+``overlap_comm``, event synchronisations and ``.item()`` under CPU offload) are outside our control: they
+are not refused but counted in :data:`DEEPSPEED_SYNCS` (class and place), which the run reports at its
+end (docs/parallel.md lists them per DeepSpeed config; tools/bench_ds_syncs.py measures their cost).
 
 :func:`no_host_reads` is what ``train.sync_debug=true`` wraps around a training step that neither logs,
-evaluates, saves nor checks its flags: on CUDA torch's own sync debug mode set to "error" (the real
-thing: any synchronising call raises), elsewhere a :class:`HostReads` that raises at the first read.
+evaluates, saves nor checks its flags: on CUDA torch's own sync debug mode (the real thing: "error", or
+"warn" with every warning from outside DeepSpeed turned into an error when DeepSpeed is in use), elsewhere
+a strict :class:`HostReads`.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import sys
 import traceback
+import warnings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_READ_OPS = {torch.ops.aten._local_scalar_dense.default}
-_COPY_OPS = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
+aten = torch.ops.aten
+_READ_OPS = {aten._local_scalar_dense.default, aten.equal.default}
+_COPY_OPS = {aten._to_copy.default, aten.copy_.default}
+#: ops that synchronise on CUDA only: their output size is a device value
+_CUDA_SYNC_OPS = {aten.nonzero.default, aten.masked_select.default, aten.bincount.default, aten._unique.default,
+                  aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
+                  aten.unique_dim_consecutive.default, aten.argwhere.default}
+_BOOL_INDEX_OPS = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
+
+_host_side = 0  # depth of host_side() blocks
 
 
-def _where() -> str:
-    """The innermost frame outside torch (e.g. inside DeepSpeed), and the innermost of ours."""
-    def short(frame):
-        return f"{'/'.join(frame.filename.split('/')[-2:])}:{frame.lineno} {frame.name}"
+@contextlib.contextmanager
+def host_side():
+    """A block that computes on host tensors by construction (the Triton kernels' pointer tables): on a GPU
+    its data-dependent-size ops (``bincount``, ...) run on CPU tensors and wait for nothing. On the CPU
+    stand-in every tensor is a CPU tensor, so inside such a block that class is not counted; reads,
+    copies and synchronisations still are."""
+    global _host_side
+    _host_side += 1
+    try:
+        yield
+    finally:
+        _host_side -= 1
 
+
+#: DeepSpeed's own syncs seen in quiet steps, by "class at place" (not refused; reported at the end of a run)
+DEEPSPEED_SYNCS: collections.Counter = collections.Counter()
+
+
+def _frames():
+    """The innermost frame outside torch and this module, and the innermost of ours."""
     outer = ours = None
-    for frame in reversed(traceback.extract_stack()[:-2]):
+    for frame in reversed(traceback.extract_stack()[:-3]):
         f = frame.filename
-        if f.endswith("amllm/debug.py") or "/torch/" in f or "/contextlib.py" in f:
+        if f.endswith("amllm/debug.py") or "/torch/" in f or "/contextlib.py" in f or "/warnings.py" in f:
             continue
         outer = outer or frame
         if "/amllm/" in f or f.endswith("train.py") or "/tests/" in f:
             ours = frame
             break
-    if outer is None:
-        return "?"
-    return short(outer) if ours is None or ours is outer else f"{short(outer)} (from {short(ours)})"
+    return outer, ours
 
 
-def _to_host(func, args, kwargs) -> bool:
-    if func is torch.ops.aten._to_copy.default:
-        src, dst = args[0], kwargs.get("device")
-        return isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst is not None and \
-            torch.device(dst).type == "cpu"
-    if func is torch.ops.aten.copy_.default:
+def _short(frame) -> str:
+    return f"{'/'.join(frame.filename.split('/')[-2:])}:{frame.lineno} {frame.name}"
+
+
+def _in_deepspeed(filename: str) -> bool:
+    return "/deepspeed/" in filename.replace("\\", "/")
+
+
+def _copy_class(func, args, kwargs) -> str | None:
+    """'device->host', 'host->device' (blocking) or None for a copy op."""
+    if func is aten._to_copy.default:
+        src, dst, blocking = args[0], kwargs.get("device"), not kwargs.get("non_blocking", False)
+        if not isinstance(src, torch.Tensor) or dst is None:
+            return None
+        src_type, dst_type = src.device.type, torch.device(dst).type
+    else:  # copy_(dst, src, non_blocking=False)
         dst, src = args[0], args[1]
-        return src.device.type != "cpu" and dst.device.type == "cpu"
-    return False
+        blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+        if not isinstance(src, torch.Tensor):
+            return None
+        src_type, dst_type = src.device.type, dst.device.type
+    if src_type != "cpu" and dst_type == "cpu":
+        return "device->host"
+    if src_type == "cpu" and dst_type != "cpu" and blocking:
+        return "host->device"
+    return None
+
+
+def _sync_op_class(func, args, kwargs) -> str | None:
+    if func in _CUDA_SYNC_OPS:
+        return f"cuda-sync op {func}"
+    if func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+        return f"cuda-sync op {func}"
+    if func in _BOOL_INDEX_OPS:
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()):
+            return f"cuda-sync op {func} (boolean mask)"
+    return None
 
 
 class HostReadError(RuntimeError):
-    """A host read of a tensor value inside a step that must have none (``train.sync_debug``)."""
+    """A host sync inside a step that must have none (``train.sync_debug``)."""
 
 
 class HostReads(TorchDispatchMode):
-    """Context manager counting host reads of tensor values (see the module docstring).
-    ``strict=True``: raise :class:`HostReadError` at the first one instead."""
+    """Context manager counting host syncs (see the module docstring). ``strict=True``: raise
+    :class:`HostReadError` at the first one that is not DeepSpeed's own."""
 
     def __init__(self, strict: bool = False):
         super().__init__()
         self.strict = strict
         self.count = 0
         self.where: list[str] = []
+        self.deepspeed: list[str] = []  # DeepSpeed's own (also added to DEEPSPEED_SYNCS)
 
     def _hit(self, what: str) -> None:
+        outer, ours = _frames()
+        where = "?" if outer is None else _short(outer) if ours is None or ours is outer else \
+            f"{_short(outer)} (from {_short(ours)})"
+        if outer is not None and _in_deepspeed(outer.filename):
+            self.deepspeed.append(f"{what} at {where}")
+            DEEPSPEED_SYNCS[f"{what} at {_short(outer)}"] += 1
+            return
         self.count += 1
-        self.where.append(f"{what} at {_where()}")
+        self.where.append(f"{what} at {where}")
         if self.strict:
-            raise HostReadError(f"host read of a tensor value in a step that must have none: {self.where[-1]} "
+            raise HostReadError(f"host sync in a step that must have none: {self.where[-1]} "
                                 f"(train.sync_debug=true; see docs/parallel.md)")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _READ_OPS:
-            self._hit(str(func))
-        elif func in _COPY_OPS and _to_host(func, args, kwargs):
-            self._hit(f"{func} to the host")
+            self._hit(f"read {func}")
+        elif func in _COPY_OPS and (kind := _copy_class(func, args, kwargs)):
+            self._hit(f"{kind} copy {func}")
+        elif not _host_side and (kind := _sync_op_class(func, args, kwargs)):
+            self._hit(kind)
         return func(*args, **kwargs)
 
+    def _patches(self) -> list[tuple[object, str]]:
+        """(owner, attribute) of the Python-level calls that read memory or wait for the device."""
+        out = [(torch.Tensor, "tolist"), (torch.Tensor, "numpy"), (torch.cuda, "synchronize"),
+               (torch.cuda.Stream, "synchronize"), (torch.cuda.Event, "synchronize")]
+        if hasattr(torch, "accelerator") and hasattr(torch.accelerator, "synchronize"):
+            out.append((torch.accelerator, "synchronize"))
+        if "deepspeed.accelerator" in sys.modules:  # its synchronize() is the accelerator's (a no-op on CPU)
+            from deepspeed.accelerator import get_accelerator
+
+            out.append((type(get_accelerator()), "synchronize"))
+        return out
+
     def __enter__(self):
-        self._orig = (torch.Tensor.tolist, torch.Tensor.numpy)
-        mode = self
-        orig_tolist, orig_numpy = self._orig
-
-        def tolist(t, *a, **k):
-            mode._hit("Tensor.tolist")
-            return orig_tolist(t, *a, **k)
-
-        def numpy(t, *a, **k):
-            mode._hit("Tensor.numpy")
-            return orig_numpy(t, *a, **k)
-
-        torch.Tensor.tolist, torch.Tensor.numpy = tolist, numpy
+        self._saved = []
+        for owner, name in self._patches():
+            real = getattr(owner, name)
+            self._saved.append((owner, name, real))
+            setattr(owner, name, self._counting(name, real, syncs=name == "synchronize"))
         return super().__enter__()
 
+    def _counting(self, name, real, syncs: bool):
+        mode = self
+
+        def counted(*a, **k):
+            mode._hit(f"{'synchronize' if syncs else name} ({getattr(real, '__qualname__', name)})")
+            if syncs and not torch.cuda.is_available() and real.__module__.startswith("torch.cuda"):
+                return None  # the stand-in on a machine without CUDA: counted, nothing to wait for
+            return real(*a, **k)
+
+        return counted
+
     def __exit__(self, *exc):
-        torch.Tensor.tolist, torch.Tensor.numpy = self._orig
+        for owner, name, real in reversed(self._saved):
+            setattr(owner, name, real)
         return super().__exit__(*exc)
 
 
 @contextlib.contextmanager
+def _cuda_sync_debug():
+    """torch's sync debug mode on CUDA: "error" semantics for our code; DeepSpeed's own syncs counted.
+    Runs in "warn" mode and turns every sync warning whose Python caller is not in DeepSpeed into an error
+    (raised at the end of the step, with where it came from)."""
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    ours: list[str] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    for w in caught:
+        if "synchronizing" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # not ours to swallow
+            continue
+        place = f"{'/'.join(str(w.filename).split('/')[-2:])}:{w.lineno}"
+        if _in_deepspeed(str(w.filename)):
+            DEEPSPEED_SYNCS[f"cuda sync at {place}"] += 1
+        else:
+            ours.append(place)
+    if ours:
+        raise HostReadError(f"host sync in a step that must have none: CUDA sync at {ours[0]} "
+                            f"({len(ours)} in all; train.sync_debug=true; see docs/parallel.md)")
+
+
+@contextlib.contextmanager
 def no_host_reads(device: torch.device, enabled: bool = True):
-    """Refuse host reads of device values inside the block (see the module docstring)."""
+    """Refuse host syncs inside the block (see the module docstring)."""
     if not enabled:
         yield
         return
     if device.type == "cuda":
-        prev = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with _cuda_sync_debug():
             yield
-        finally:
-            torch.cuda.set_sync_debug_mode(prev)
         return
     with HostReads(strict=True):
         yield
+
+
+def deepspeed_syncs_report() -> str | None:
+    """One line about DeepSpeed's own syncs seen in quiet steps (None when there were none)."""
+    if not DEEPSPEED_SYNCS:
+        return None
+    top = ", ".join(f"{n}x {where}" for where, n in DEEPSPEED_SYNCS.most_common(4))
+    return (f"sync_debug: DeepSpeed's own host syncs in quiet steps (not ours; docs/parallel.md): "
+            f"{sum(DEEPSPEED_SYNCS.values())} -- {top}")

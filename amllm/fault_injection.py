@@ -14,6 +14,9 @@ so the loop carries no test code. docs/faults.md says which test uses which.
     AMLLM_TEST_SAVE_PAUSE=phase@N hold a save at a phase (SAVE_PHASES) for kill -9 tests
     AMLLM_TEST_SAVE_PAUSE_S=S     ... for S seconds (default 600)
     AMLLM_TEST_SAVE_SLEEP=S       sleep S seconds before a save's files are fsynced (kill -9 window)
+    AMLLM_TEST_PLANT_SYNCS=N      at step N's forward (a quiet step with train.sync_debug=true), try one
+                                  host sync of every class amllm.debug knows; each must be refused. Which
+                                  were is written to <run_dir>/planted-syncs-rank<r>.json
 """
 
 from __future__ import annotations
@@ -49,6 +52,45 @@ def install(model: torch.nn.Module, sampler, rank: int, run_dir: Path) -> None:
             return batch
 
         sampler.next_batch = next_batch
+    if os.environ.get("AMLLM_TEST_PLANT_SYNCS"):
+        at = int(os.environ["AMLLM_TEST_PLANT_SYNCS"])
+
+        def plant(module, args, out):
+            if module.training and sampler.step == at:
+                plant_syncs(out, Path(run_dir) / f"planted-syncs-rank{rank}.json")
+
+        model.register_forward_hook(plant)
+
+
+#: One planted instance of every class of host sync amllm.debug refuses. The copies use the ``meta``
+#: device: a CPU-only run has no second device, and the check refuses the copy before it runs.
+PLANTED_SYNCS = {
+    "read": lambda t: t.sum().item(),
+    "tolist": lambda t: t.detach().tolist(),
+    "numpy": lambda t: t.detach().cpu().numpy() if t.device.type == "cpu" else None,
+    "device->host": lambda t: torch.empty(2, device="meta").to("cpu"),
+    "host->device": lambda t: torch.ones(2).to("meta"),
+    "synchronize": lambda t: torch.cuda.synchronize(),
+    "nonzero": lambda t: torch.nonzero(t.detach().reshape(-1)),
+    "boolean mask": lambda t: t.detach().reshape(-1)[t.detach().reshape(-1) > 0],
+    "unique": lambda t: torch.unique(t.detach()),
+}
+
+
+def plant_syncs(t: torch.Tensor, out: Path) -> None:
+    """Try every planted sync inside the current (checked) step; record which were refused."""
+    import json
+
+    from .debug import HostReadError
+
+    refused = {}
+    for name, sync in PLANTED_SYNCS.items():
+        try:
+            sync(t)
+            refused[name] = False
+        except HostReadError:
+            refused[name] = True
+    out.write_text(json.dumps(refused))
 
 
 def stop_at_step() -> int:

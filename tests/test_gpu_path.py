@@ -14,6 +14,7 @@ update under DeepSpeed too, where the engine measures the norm inside its own st
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -59,9 +60,30 @@ def test_host_read_counter_sees_every_kind_of_read():
         t.tolist()
         t.numpy()
     assert reads.count == 5, reads.where
-    with pytest.raises(HostReadError, match=r"host read .* tests/test_gpu_path.py:\d+"):
+    with pytest.raises(HostReadError, match=r"host sync .* tests/test_gpu_path.py:\d+"):
         with HostReads(strict=True):
             t.max().item()
+
+
+def test_host_sync_counter_sees_every_class_cuda_refuses():
+    """Each class of amllm.fault_injection.PLANTED_SYNCS counts once (copies on the meta device: on a
+    CPU-only machine there is no other), and a device-side equivalent of each counts nothing."""
+    from amllm.fault_injection import PLANTED_SYNCS
+
+    t = torch.arange(-2.0, 4.0, requires_grad=True) * 1.0
+    for name, sync in PLANTED_SYNCS.items():
+        with HostReads() as reads:
+            try:
+                sync(t)
+            except (RuntimeError, NotImplementedError):
+                pass  # the meta copies cannot run; they were counted first
+        assert reads.count == 1, (name, reads.where)
+    with HostReads() as reads:  # what quiet steps do instead: all on the device, nothing waits
+        mask = t > 0
+        torch.where(mask, t, torch.zeros_like(t)).sum()
+        torch.ones(2).to("meta", non_blocking=True)
+        torch.nonzero_static(t.detach(), size=6)
+    assert reads.count == 0, reads.where
 
 
 def test_planted_item_in_a_quiet_step_fails(train_overrides, tmp_path, monkeypatch):
@@ -78,6 +100,35 @@ def test_planted_item_in_a_quiet_step_fails(train_overrides, tmp_path, monkeypat
 
 
 # ---- zero host reads in quiet steps, on every backend ------------------------------------------------
+
+PLANT_ON = {"ddp": ([sys.executable, "train.py"], {}),
+            "fsdp2": (None, {"parallel.backend": "fsdp2"}),
+            "deepspeed": (None, {"parallel.backend": "deepspeed",
+                                 "parallel.deepspeed_config": "configs/deepspeed/zero2_fp32.json"})}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2", pytest.param("deepspeed", marks=pytest.mark.deepspeed)])
+def test_every_planted_sync_class_is_refused_on_every_backend(train_overrides, tmp_path, backend):
+    """train.sync_debug=true on each backend (1 process for DDP, 2 ranks through torchrun / deepspeed for
+    the sharded ones): in a quiet step one planted sync of every class (AMLLM_TEST_PLANT_SYNCS) is refused
+    on every rank; the run itself goes on (the planted calls are caught by the planting hook)."""
+    from amllm.fault_injection import PLANTED_SYNCS
+
+    if backend == "deepspeed":
+        pytest.importorskip("deepspeed")
+    cmd, over = PLANT_ON[backend]
+    cmd = cmd or train_cli("torchrun" if backend == "fsdp2" else "deepspeed", 2)
+    run = tmp_path / "run"
+    # the accelerator path (Triton kernels, interpreted): the CPU kernels read CPU values, which is no sync
+    rc, out = run_cli(cmd + quiet(train_overrides, run, **over, **{"optim.impl": "triton"}),
+                      {"AMLLM_TEST_PLANT_SYNCS": "3", **TRITON})
+    assert rc == 0, out[-3000:]
+    ranks = sorted(run.glob("planted-syncs-rank*.json"))
+    assert len(ranks) == (1 if backend == "ddp" else 2), out[-3000:]
+    for f in ranks:
+        refused = json.loads(f.read_text())
+        assert refused == {name: True for name in PLANTED_SYNCS}, (f.name, refused)
 
 def test_quiet_steps_make_no_host_read_one_process(train_overrides, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")

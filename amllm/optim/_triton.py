@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..debug import host_side
 from . import _tables
 from ._probe import check_once
 
@@ -132,6 +133,11 @@ def metadata(lists: list[list[Tensor]], layers: list[int], weights: list[float],
 
 
 def _build(lists, layers, weights, n_layers, device) -> Meta:
+    with host_side():  # CPU tables, uploaded once (pinned, asynchronous): nothing here waits for the device
+        return _build_tables(lists, layers, weights, n_layers, device)
+
+
+def _build_tables(lists, layers, weights, n_layers, device) -> Meta:
     n = len(lists[0])
     numel = torch.tensor([t.numel() for t in lists[0]], dtype=torch.int64)
     per = (numel + CHUNK - 1) // CHUNK
