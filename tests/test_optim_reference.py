@@ -66,7 +66,7 @@ def build(cls, dtype, mode, policy, impl, hp0, hp1, device="cpu", **kw):
     ]
     opt = cls(groups, lr=0.0, per_layer=per_layer, beta_policy=policy, **IMPL_KW[impl], **kw)
     if impl in ("compiled", "triton"):
-        opt._impl = impl  # test hook: force the Inductor kernels / the Triton kernels
+        opt.impl = impl  # force the Inductor kernels / the Triton kernels
     return opt, params, init, layer_of, n_layers
 
 
@@ -190,7 +190,7 @@ def test_views_of_one_flat_buffer_match_reference(cls, per_layer, impl, aligned,
     assert all((p.data_ptr() % 16 == 0) == aligned for p in params)
     kw = dict(lr=0.02, weight_decay=0.1) if cls is AMAdamW else dict(lr=0.05, weight_decay=0.1)
     opt = cls(params, per_layer=per_layer, fused=True, lam=0.1, **kw)
-    opt._impl = impl
+    opt.impl = impl
     n_layers = len(shapes) if per_layer else 1
     layer_of = list(range(len(shapes))) if per_layer else [0] * len(shapes)
     if cls is AMAdamW:

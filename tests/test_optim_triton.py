@@ -34,7 +34,7 @@ def _setup(cls, n, device, per_layer=False, impl="triton", seed=0, **kw):
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen).to(device)
     opt = cls(params, lr=1e-2, weight_decay=0.1, per_layer=per_layer, fused=True, **kw)
-    opt._impl = impl
+    opt.impl = impl
     return opt, params
 
 
@@ -151,7 +151,7 @@ def test_skipped_step_changes_nothing_and_the_next_matches_the_oracle(cls, impl,
     params = [torch.nn.Parameter(x.to(device, torch.float32)) for x in init]
     hp = dict(lr=0.0, weight_decay=0.1, lam=0.1)
     opt = cls(params, per_layer=per_layer, skip_nonfinite=how == "nan_grad", fused=True, **hp)
-    opt._impl = impl
+    opt.impl = impl
     n_layers = len(SHAPES) if per_layer else 1
     layer_of = list(range(len(SHAPES))) if per_layer else [0] * len(SHAPES)
     if cls is AMAdamW:
@@ -195,7 +195,7 @@ def test_skipped_first_step_creates_no_buffer(impl, request):
     params = [torch.nn.Parameter(torch.ones(4, device=device))]
     params[0].grad = torch.ones(4, device=device)
     opt = AMSGD(params, lr=0.1, fused=True)
-    opt._impl = impl
+    opt.impl = impl
     opt.found_inf = torch.ones((), device=device)
     opt.step()
     assert "momentum_buffer" not in opt.state[params[0]] and torch.all(params[0] == 1)

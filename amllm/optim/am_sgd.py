@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ._base import AMOptimizerBase, eager_step, refuse, signed_grads, validate_common
-from .functional import SGDGroup, am_sgd
+from .functional import SGD_IMPLS, SGDGroup, am_sgd
 from .reduce import local
 
 
@@ -39,11 +39,12 @@ class AMSGD(AMOptimizerBase):
     ``skip_nonfinite``, ``last_skipped`` included), β introspection and checkpoints: as
     :class:`AMAdamW`. ``foreach``: as AMAdamW; ``fused=True``: the C++ kernels on CPU (as
     AMAdamW; foreach where they cannot be built: there are no compiled AM-SGD kernels), the
-    multi-tensor Triton kernels on CUDA. Per-param state: ``momentum_buffer`` (not created
-    by a skipped step). ``last_sums`` is [L, 4] = A, B, C, count.
+    multi-tensor Triton kernels on CUDA; ``impl=``: as AMAdamW's, without "compiled".
+    Per-param state: ``momentum_buffer`` (not created by a skipped step). ``last_sums`` is [L, 4] = A, B, C, count.
     """
 
     _name = "AMSGD"
+    IMPLS = ("auto", *SGD_IMPLS)
 
     def __init__(
         self,
@@ -66,6 +67,7 @@ class AMSGD(AMOptimizerBase):
         nesterov: bool = False,
         *,
         beta_max: Optional[float] = None,
+        impl: Optional[str] = None,
     ):
         if beta_max is not None:  # the name before `momentum` (torch SGD's, which schedulers look for)
             if momentum not in (0.9, beta_max):
@@ -80,7 +82,7 @@ class AMSGD(AMOptimizerBase):
                         beta_policy=beta_policy, beta_min=beta_min, restart_threshold=restart_threshold,
                         restart_low=restart_low, maximize=bool(maximize))
         super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, impl=impl)
 
     def _upgrade_group(self, group: dict) -> None:
         if "beta_max" in group:  # groups saved before `momentum`, or given with the alias

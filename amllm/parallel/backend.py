@@ -62,7 +62,7 @@ class Backend:
         self.raw_model = prepare_blocks(model, self.cfg.train)  # AC, then per-block compile, then DDP
         self.model = wrap_ddp(model, self.info)
         # DDP hands every rank the full averaged gradient: AM statistics need no reduction.
-        self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device, reducer=None)
+        self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device)
         self.param_names()
 
     def autocast(self):
@@ -170,7 +170,7 @@ class FSDP2Backend(Backend):
         self.raw_model = self.model = apply_fsdp2(model, self.cfg.train.precision,
                                                   reshard_after_forward=self.cfg.parallel.reshard_after_forward)
         # DTensor parameters: the AM optimizer all-reduces its partial sums over the mesh itself.
-        self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device, reducer=None)
+        self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device)
         self.param_names()
 
     def autocast(self):
@@ -220,7 +220,7 @@ class DeepSpeedBackend(Backend):
         from . import deepspeed_backend as dsb
 
         self.raw_model = prepare_blocks(model, self.cfg.train, compile=False)  # AC; the engine compiles itself
-        optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device, reducer=None)
+        optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device)
         self.engine = dsb.build_engine(model, optimizer, self.cfg)
         self.model = self.engine
         stage = int(self.engine.zero_optimization_stage())
