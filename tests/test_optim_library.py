@@ -152,6 +152,27 @@ def test_sgd_beta_max_alias_and_old_groups():
         AMSGD(p, lr=0.1, momentum=0.5, beta_max=0.8)
 
 
+_ALIAS_CONFLICT = (r"^momentum=0\.5 and beta_max=0\.9 disagree: both set AM-SGD's β_max \(beta_max= is an alias of "
+                   r"momentum=\); pass only one of them, preferably momentum= \(torch SGD's name, which momentum "
+                   r"schedulers read\)$")
+
+
+def test_sgd_momentum_alias_rule():
+    """β_max is `momentum` or its alias `beta_max`: the alias wins over a momentum at the default 0.9
+    (an explicit 0.9 looks like the default); two explicit values that differ are refused, in the
+    constructor and in a param group alike (a group with both used to keep one silently)."""
+    p = [torch.nn.Parameter(torch.ones(2))]
+    assert AMSGD(p, lr=0.1, momentum=0.9, beta_max=0.5).defaults["momentum"] == 0.5
+    assert AMSGD(p, lr=0.1, momentum=0.5, beta_max=0.5).defaults["momentum"] == 0.5
+    assert AMSGD(p, lr=0.1, momentum=0.5).defaults["momentum"] == 0.5
+    with pytest.raises(ValueError, match=_ALIAS_CONFLICT):
+        AMSGD(p, lr=0.1, momentum=0.5, beta_max=0.9)
+    with pytest.raises(ValueError, match=_ALIAS_CONFLICT):
+        AMSGD([{"params": p, "momentum": 0.5, "beta_max": 0.9}], lr=0.1, momentum=0.5)
+    opt = AMSGD([{"params": p, "momentum": 0.9, "beta_max": 0.5}], lr=0.1, momentum=0.5)
+    assert opt.param_groups[0]["momentum"] == 0.5 and "beta_max" not in opt.param_groups[0]
+
+
 # -- 4b. the kernel path by name --------------------------------------------------------------
 @pytest.mark.parametrize("cls", OPTS)
 def test_impl_keyword_and_attribute(cls):

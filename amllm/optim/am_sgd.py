@@ -11,6 +11,23 @@ from .functional import SGD_IMPLS, SGDGroup, am_sgd
 from .reduce import local
 
 
+_MOMENTUM_DEFAULT = 0.9  # AMSGD's default `momentum` (its signature's)
+
+
+def _beta_max_of(momentum: float, beta_max: Optional[float]) -> float:
+    """β_max from ``momentum`` (torch SGD's name, which momentum schedulers read) and its alias
+    ``beta_max`` (the name before ``momentum``). The alias wins over a ``momentum`` at the default:
+    an explicit 0.9 cannot be told from the default, so ``momentum=0.9, beta_max=0.5`` is 0.5. Two
+    explicit values that differ are refused: neither can be taken silently."""
+    if beta_max is None:
+        return momentum
+    if momentum != _MOMENTUM_DEFAULT and momentum != beta_max:
+        raise ValueError(f"momentum={momentum} and beta_max={beta_max} disagree: both set AM-SGD's β_max "
+                         f"(beta_max= is an alias of momentum=); pass only one of them, preferably momentum= "
+                         f"(torch SGD's name, which momentum schedulers read)")
+    return beta_max
+
+
 class AMSGD(AMOptimizerBase):
     r"""AM-SGD (the paper's AM-MSGD, Algorithm 1, stochastic line 5).
 
@@ -50,7 +67,7 @@ class AMSGD(AMOptimizerBase):
         self,
         params,
         lr: float,
-        momentum: float = 0.9,
+        momentum: float = _MOMENTUM_DEFAULT,
         lam: float = 0.1,
         weight_decay: float = 0.0,
         per_layer: bool = False,
@@ -69,10 +86,7 @@ class AMSGD(AMOptimizerBase):
         beta_max: Optional[float] = None,
         impl: Optional[str] = None,
     ):
-        if beta_max is not None:  # the name before `momentum` (torch SGD's, which schedulers look for)
-            if momentum not in (0.9, beta_max):
-                raise ValueError(f"momentum={momentum} and its alias beta_max={beta_max} disagree")
-            momentum = beta_max
+        momentum = _beta_max_of(momentum, beta_max)
         refuse(self._name, "dampening", dampening, 0.0,
                "AM-SGD's d is already dampened: a convex combination ((β+λ)d + (1-β)g)/(1+λ) with the solved β")
         refuse(self._name, "nesterov", nesterov, False,
@@ -86,7 +100,8 @@ class AMSGD(AMOptimizerBase):
 
     def _upgrade_group(self, group: dict) -> None:
         if "beta_max" in group:  # groups saved before `momentum`, or given with the alias
-            group.setdefault("momentum", group.pop("beta_max"))
+            alias = group.pop("beta_max")
+            group["momentum"] = _beta_max_of(group["momentum"], alias) if "momentum" in group else alias
 
     def _beta_max(self, group: dict) -> float:
         return group["momentum"]
