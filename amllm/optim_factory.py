@@ -7,7 +7,7 @@ under DeepSpeed ZeRO-1/2, where the client optimizer is stepped once per group.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 
@@ -26,29 +26,27 @@ def _impl_kwargs(cfg: OptimConfig, device: torch.device) -> dict:
     return {"fused": True}
 
 
-def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter], device: torch.device,
-                    reducer: Any = None) -> torch.optim.Optimizer:
-    """`reducer`: where AM statistics are summed (None for one process or DDP; see amllm.optim)."""
+def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter], device: torch.device
+                    ) -> torch.optim.Optimizer:
+    """The AM optimizers take no reducer here: DDP needs none, FSDP2's DTensor parameters reduce over
+    their mesh, and DeepSpeed's adapter builds its own inner optimizer with the data-parallel group."""
     params = [p for p in params if p.requires_grad]
-    kw = _impl_kwargs(cfg, device)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay, **kw)
+                                 weight_decay=cfg.weight_decay, **_impl_kwargs(cfg, device))
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.beta1, weight_decay=cfg.weight_decay,
-                               **{k: v for k, v in kw.items() if k != "fused" or device.type != "cpu"})
+                               **{k: v for k, v in _impl_kwargs(cfg, device).items()
+                                  if k != "fused" or device.type != "cpu"})
     from .optim import AMAdamW, AMSGD
 
+    # optim.impl's values are the AM optimizers' own impl names (triton: also on CPU under TRITON_INTERPRET=1)
     am = dict(lam=cfg.lam, per_layer=cfg.per_layer, beta_policy=cfg.beta_policy, beta_min=cfg.beta_min,
-              restart_threshold=cfg.restart_threshold, restart_low=cfg.restart_low, reducer=reducer)
+              restart_threshold=cfg.restart_threshold, restart_low=cfg.restart_low, impl=cfg.impl)
     if cfg.name == "am_adamw":
-        opt = AMAdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, **am, **kw)
-    else:
-        opt = AMSGD(params, lr=cfg.lr, beta_max=cfg.beta1, weight_decay=cfg.weight_decay, **am, **kw)
-    if cfg.impl == "triton":  # the accelerator path by name (functional.IMPLS), e.g. on CPU under TRITON_INTERPRET=1
-        opt._impl = "triton"
-    return opt
+        return AMAdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                       weight_decay=cfg.weight_decay, **am)
+    return AMSGD(params, lr=cfg.lr, beta_max=cfg.beta1, weight_decay=cfg.weight_decay, **am)
 
 
 def last_beta(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:

@@ -53,7 +53,7 @@ def _opt(cls, params, impl=None, **kw):
     """The optimizer, its kernel path forced by name when ``impl`` is given (as the tests do)."""
     opt = cls(params, **kw)
     if impl is not None:
-        opt._impl = impl
+        opt.impl = impl
     return opt
 
 

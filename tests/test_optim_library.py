@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 import warnings
 
 import pytest
@@ -37,7 +38,7 @@ def _run(cls, steps, impl=None, compiled=False, seed=0, opt=None, model=None, **
     model = model or _model()
     opt = opt or cls(model.parameters(), lr=0.1, **kw)
     if impl:
-        opt._impl = impl
+        opt.impl = impl
     step = torch.compile(opt.step) if compiled else opt.step
     for i in range(steps):
         _grads(model, seed + i)
@@ -73,7 +74,7 @@ def test_copy_then_step_continues(cls, how):
     opt.set_layer_map({p: i for i, p in enumerate(model.parameters())}, 4)
     clone_m, clone = ((copy.deepcopy((model, opt))) if how == "deepcopy"
                       else pickle.loads(pickle.dumps((model, opt))))
-    assert clone._impl == "forloop" and clone.skip_nonfinite and clone._explicit_layers is not None
+    assert clone.impl == "forloop" and clone.skip_nonfinite and clone._explicit_layers is not None
     _run(cls, 2, seed=7, model=model, opt=opt)
     _run(cls, 2, seed=7, model=clone_m, opt=clone)
     assert torch.equal(_flat(model), _flat(clone_m))
@@ -91,7 +92,7 @@ def test_old_pickle_loads(cls):
             g["beta_max"] = g.pop("momentum")
     clone = cls.__new__(cls)
     clone.__setstate__(pickle.loads(pickle.dumps(old)))
-    assert clone._impl == "auto" and clone.skip_nonfinite is False
+    assert clone.impl == "auto" and clone.skip_nonfinite is False
     for g in clone.param_groups:
         for p in g["params"]:
             p.grad = torch.ones_like(p)
@@ -151,6 +152,57 @@ def test_sgd_beta_max_alias_and_old_groups():
         AMSGD(p, lr=0.1, momentum=0.5, beta_max=0.8)
 
 
+_ALIAS_CONFLICT = (r"^momentum=0\.5 and beta_max=0\.9 disagree: both set AM-SGD's β_max \(beta_max= is an alias of "
+                   r"momentum=\); pass only one of them, preferably momentum= \(torch SGD's name, which momentum "
+                   r"schedulers read\)$")
+
+
+def test_sgd_momentum_alias_rule():
+    """β_max is `momentum` or its alias `beta_max`: the alias wins over a momentum at the default 0.9
+    (an explicit 0.9 looks like the default); two explicit values that differ are refused, in the
+    constructor and in a param group alike (a group with both used to keep one silently)."""
+    p = [torch.nn.Parameter(torch.ones(2))]
+    assert AMSGD(p, lr=0.1, momentum=0.9, beta_max=0.5).defaults["momentum"] == 0.5
+    assert AMSGD(p, lr=0.1, momentum=0.5, beta_max=0.5).defaults["momentum"] == 0.5
+    assert AMSGD(p, lr=0.1, momentum=0.5).defaults["momentum"] == 0.5
+    with pytest.raises(ValueError, match=_ALIAS_CONFLICT):
+        AMSGD(p, lr=0.1, momentum=0.5, beta_max=0.9)
+    with pytest.raises(ValueError, match=_ALIAS_CONFLICT):
+        AMSGD([{"params": p, "momentum": 0.5, "beta_max": 0.9}], lr=0.1, momentum=0.5)
+    opt = AMSGD([{"params": p, "momentum": 0.9, "beta_max": 0.5}], lr=0.1, momentum=0.5)
+    assert opt.param_groups[0]["momentum"] == 0.5 and "beta_max" not in opt.param_groups[0]
+
+
+# -- 4b. the kernel path by name --------------------------------------------------------------
+@pytest.mark.parametrize("cls", OPTS)
+def test_impl_keyword_and_attribute(cls):
+    """`impl=` names the kernel path (the optimizer's IMPLS), validated with torch's message style in
+    the constructor and the settable `impl` attribute; it excludes foreach/fused; pickling keeps it,
+    a state dict does not carry it (the loading optimizer's own path is kept)."""
+    names = ("auto", "forloop", "foreach", "fused", "cpp", *(("compiled",) if cls is AMAdamW else ()), "triton")
+    assert cls.IMPLS == names
+    for name in names:
+        assert cls(_model().parameters(), lr=0.1, impl=name).impl == name
+    assert cls(_model().parameters(), lr=0.1, foreach=False).impl == "forloop"
+    listed = re.escape(repr(names))
+    bad = "compiled" if cls is AMSGD else "cuda"
+    with pytest.raises(ValueError, match=rf"^Invalid impl: '{bad}' \(must be one of {listed}\)$"):
+        cls(_model().parameters(), lr=0.1, impl=bad)
+    opt = cls(_model().parameters(), lr=0.1, impl="forloop")
+    with pytest.raises(ValueError, match=rf"^Invalid impl: None \(must be one of {listed}\)$"):
+        opt.impl = None
+    assert opt.impl == "forloop"
+    opt.impl = "foreach"
+    assert opt.impl == "foreach" and opt._resolved_impl() == "foreach"
+    with pytest.raises(ValueError, match=r"^impl='forloop' and foreach/fused cannot both be given"):
+        cls(_model().parameters(), lr=0.1, impl="forloop", foreach=True)
+    model, trained = _run(cls, 2, impl="forloop")
+    assert pickle.loads(pickle.dumps(trained)).impl == "forloop"
+    other = cls(model.parameters(), lr=0.1, impl="foreach")
+    other.load_state_dict(trained.state_dict())
+    assert other.impl == "foreach"
+
+
 # -- 5. torch's keywords ----------------------------------------------------------------------
 @pytest.mark.parametrize("cls,kw,why", [
     (AMAdamW, dict(capturable=True), "CUDA graphs"), (AMAdamW, dict(differentiable=True), "autograd"),
@@ -170,7 +222,7 @@ def test_maximize_is_descent_on_negated_loss(cls, impl):
     m_max, m_neg = _model(), _model()
     o_max = cls(m_max.parameters(), lr=0.1, maximize=True, per_layer=True)
     o_neg = cls(m_neg.parameters(), lr=0.1, per_layer=True)
-    o_max._impl = o_neg._impl = impl
+    o_max.impl = o_neg.impl = impl
     for i in range(3):
         for m, o, sign in ((m_max, o_max, 1.0), (m_neg, o_neg, -1.0)):
             g = torch.Generator().manual_seed(i)

@@ -66,7 +66,7 @@ def build(cls, dtype, mode, policy, impl, hp0, hp1, device="cpu", **kw):
     ]
     opt = cls(groups, lr=0.0, per_layer=per_layer, beta_policy=policy, **IMPL_KW[impl], **kw)
     if impl in ("compiled", "triton"):
-        opt._impl = impl  # test hook: force the Inductor kernels / the Triton kernels
+        opt.impl = impl  # force the Inductor kernels / the Triton kernels
     return opt, params, init, layer_of, n_layers
 
 
@@ -167,17 +167,28 @@ def test_am_sgd_matches_reference(dtype, tol, mode, policy, impl, request):
 @pytest.mark.parametrize("cls", [AMAdamW, AMSGD])
 @pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("impl", ["fused", "triton"])
-@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("aligned", [False, True, "mixed"])
 def test_views_of_one_flat_buffer_match_reference(cls, per_layer, impl, aligned, request):
     """Params and grads are views of two flat float32 buffers (as ZeRO's per-layer views of
     its flat partitions): at odd offsets (4-byte but not 16-byte aligned), or at offsets and
-    sizes that are multiples of 16 elements (the Triton kernels' 128-bit variant): the
-    kernels address them through their tables and match the oracle."""
+    sizes that are multiples of 16 elements (the Triton kernels' 128-bit variant), or both in
+    one bucket ("mixed": alignment is decided per tensor): the kernels address them through
+    their tables and match the oracle."""
     device = request.getfixturevalue("triton_device") if impl == "triton" else torch.device("cpu")
-    shapes = [(4, 8), (16,), (2, 16), (48,)] if aligned else [(5, 7), (3,), (1,), (4, 9), (11,)]
+    if aligned == "mixed":
+        shapes = [(4, 8), (5, 7), (16,), (3,), (2, 16), (11,)]
+        flags = [True, False, True, False, True, False]
+        offsets, cursor = [], 0
+        for n, flag in zip([math.prod(s) for s in shapes], flags):  # a gap before every view
+            cursor = -(-(cursor + 16) // 16) * 16 if flag else cursor + (1 if cursor % 2 == 0 else 2)  # odd
+            offsets.append(cursor)
+            cursor += n
+    else:
+        shapes = [(4, 8), (16,), (2, 16), (48,)] if aligned else [(5, 7), (3,), (1,), (4, 9), (11,)]
+        flags = [aligned] * len(shapes)
+        gap = 16 if aligned else 1
+        offsets = [gap * 3 + sum(math.prod(s) for s in shapes[:i]) + gap * i for i in range(len(shapes))]
     sizes = [math.prod(s) for s in shapes]
-    gap = 16 if aligned else 1
-    offsets = [gap * 3 + sum(sizes[:i]) + gap * i for i in range(len(shapes))]  # a gap between views
     total = offsets[-1] + sizes[-1] + 2
     gen = torch.Generator().manual_seed(7)
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
@@ -187,10 +198,10 @@ def test_views_of_one_flat_buffer_match_reference(cls, per_layer, impl, aligned,
     for x, o, n in zip(init, offsets, sizes):
         flat[o:o + n] = x.reshape(-1).to(device, torch.float32)
         params.append(torch.nn.Parameter(flat[o:o + n].view(x.shape)))
-    assert all((p.data_ptr() % 16 == 0) == aligned for p in params)
+    assert [p.data_ptr() % 16 == 0 for p in params] == flags
     kw = dict(lr=0.02, weight_decay=0.1) if cls is AMAdamW else dict(lr=0.05, weight_decay=0.1)
     opt = cls(params, per_layer=per_layer, fused=True, lam=0.1, **kw)
-    opt._impl = impl
+    opt.impl = impl
     n_layers = len(shapes) if per_layer else 1
     layer_of = list(range(len(shapes))) if per_layer else [0] * len(shapes)
     if cls is AMAdamW:
@@ -211,12 +222,14 @@ def test_views_of_one_flat_buffer_match_reference(cls, per_layer, impl, aligned,
                                    dtype=torch.float64), rtol=2e-5, atol=2e-6)
         for i, p in enumerate(params):
             torch.testing.assert_close(p.detach().cpu().double(), ref.x[i], rtol=2e-5, atol=2e-6)
-    if impl == "triton" and cls is AMAdamW:  # the step's cached tables: the 128-bit variant ran iff aligned
+    if impl == "triton":  # the step's cached tables: the 128-bit body ran for exactly the aligned tensors
         st = [opt.state[p] for p in params]
-        meta = _triton.metadata([params, [p.grad for p in params], [x["exp_avg"] for x in st],
-                                 [x["exp_avg_sq"] for x in st], [x["step"] for x in st]], layer_of,
-                                [1.0] * len(params), n_layers, device)
-        assert meta.aligned == aligned
+        lists = [params, [p.grad for p in params]]
+        lists += ([[x["exp_avg"] for x in st], [x["exp_avg_sq"] for x in st], [x["step"] for x in st]]
+                  if cls is AMAdamW else [[x["momentum_buffer"] for x in st]])
+        meta = _triton.metadata(lists, layer_of, [1.0] * len(params), n_layers, device)
+        assert meta.align.tolist() == [int(f) for f in flags]
+        assert meta.align_mode == {False: 0, True: 1, "mixed": 2}[aligned]
     gaps = torch.ones(total, dtype=torch.bool)
     for o, n in zip(offsets, sizes):
         gaps[o:o + n] = False

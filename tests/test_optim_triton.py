@@ -34,7 +34,7 @@ def _setup(cls, n, device, per_layer=False, impl="triton", seed=0, **kw):
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen).to(device)
     opt = cls(params, lr=1e-2, weight_decay=0.1, per_layer=per_layer, fused=True, **kw)
-    opt._impl = impl
+    opt.impl = impl
     return opt, params
 
 
@@ -151,7 +151,7 @@ def test_skipped_step_changes_nothing_and_the_next_matches_the_oracle(cls, impl,
     params = [torch.nn.Parameter(x.to(device, torch.float32)) for x in init]
     hp = dict(lr=0.0, weight_decay=0.1, lam=0.1)
     opt = cls(params, per_layer=per_layer, skip_nonfinite=how == "nan_grad", fused=True, **hp)
-    opt._impl = impl
+    opt.impl = impl
     n_layers = len(SHAPES) if per_layer else 1
     layer_of = list(range(len(SHAPES))) if per_layer else [0] * len(SHAPES)
     if cls is AMAdamW:
@@ -195,7 +195,7 @@ def test_skipped_first_step_creates_no_buffer(impl, request):
     params = [torch.nn.Parameter(torch.ones(4, device=device))]
     params[0].grad = torch.ones(4, device=device)
     opt = AMSGD(params, lr=0.1, fused=True)
-    opt._impl = impl
+    opt.impl = impl
     opt.found_inf = torch.ones((), device=device)
     opt.step()
     assert "momentum_buffer" not in opt.state[params[0]] and torch.all(params[0] == 1)
@@ -256,11 +256,11 @@ import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from amllm.optim import _triton
-aligned = sys.argv[1] == "1"
-tables = {"xs", "gs", "ds", "vs", "steps", "numel", "layer", "chunk_t", "chunk_s", "order", "lstart"}
+mode = int(sys.argv[1])
+tables = {"xs", "gs", "ds", "vs", "steps", "numel", "layer", "chunk_t", "chunk_s", "order", "lstart", "align"}
 ptrs = {"c1": "*fp32", "beta": "*fp32", "part": "*fp32", "skip": "*i1", "wchunk": "*fp64", "counts": "*fp64",
         "out": "*fp64"}
-common = dict(DT=tl.bfloat16, CT=tl.float32, CHUNK=_triton.CHUNK, BLOCK=_triton.BLOCK, ALIGNED=aligned)
+common = dict(DT=tl.bfloat16, CT=tl.float32, CHUNK=_triton.CHUNK, BLOCK=_triton.BLOCK, ALIGN=mode)
 consts = {"adamw_pass1": dict(common, WITH_X=True, K=5, FIX_BF16=False),
           "adamw_pass2": dict(common, HAS_SKIP=True, FIX_BF16=False),
           "sgd_pass1": dict(common, WITH_X=True),
@@ -273,17 +273,18 @@ for name, const in consts.items():
     sig = {a: "constexpr" if a in const else "*i64" if a in tables else ptrs.get(a, "fp32") for a in fn.arg_names}
     ptx = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                          options={"num_warps": 4}).asm["ptx"]
-    out[name] = len(re.findall(r"ld\.global[\.\w]*\.v4", ptx))
+    out[name] = [len(re.findall(r"ld\.global[\.\w]*\.v4", ptx)), len(re.findall(r"ld\.global", ptx))]
 print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("aligned", [False, True])
-def test_kernels_compile_for_hopper(aligned):
+def test_kernels_compile_for_hopper():
     """Every kernel compiles for sm_90 with Triton's bundled ptxas, no GPU needed (the
-    interpreter never compiles: this catches what only the compiler rejects), and with
-    ``ALIGNED`` the element-wise passes use 128-bit loads. In a fresh process: compiled
-    mode needs triton imported without TRITON_INTERPRET."""
+    interpreter never compiles: this catches what only the compiler rejects), in each alignment
+    mode: ALIGN=1 (every tensor of the bucket aligned) uses 128-bit loads, ALIGN=0 none, and
+    ALIGN=2 (mixed bucket, decided per tensor) holds both bodies: 128-bit loads, and more loads
+    than ALIGN=1 (the per-element body). In fresh processes: compiled mode needs triton imported
+    without TRITON_INTERPRET."""
     import json
     import os
     import subprocess
@@ -293,13 +294,18 @@ def test_kernels_compile_for_hopper(aligned):
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parent.parent
-    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, "1" if aligned else "0"], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    v4 = json.loads(run.stdout.strip().splitlines()[-1])
-    for name, n in v4.items():
-        if name != "layer_sums":
-            assert (n > 0) == aligned, (name, n)
+    counts = {}
+    for mode in (0, 1, 2):
+        run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(mode)], env=env, cwd=root,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        counts[mode] = json.loads(run.stdout.strip().splitlines()[-1])
+    for name in counts[0]:
+        if name == "layer_sums":
+            continue
+        (v4_0, _), (v4_1, all_1), (v4_2, all_2) = counts[0][name], counts[1][name], counts[2][name]
+        assert v4_0 == 0 and v4_1 > 0 and v4_2 > 0, (name, counts)
+        assert all_2 > all_1, (name, counts)  # the per-element body is there too
 
 
 def test_import_order_mismatch_is_reported(monkeypatch):

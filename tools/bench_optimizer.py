@@ -161,7 +161,7 @@ def main():
     sgd_kw = dict(lr=1e-2, weight_decay=1e-4)
 
     def forced(opt, impl):
-        opt._impl = impl  # the kernel path by name (functional.IMPLS), as the tests do
+        opt.impl = impl  # the kernel path by name (the optimizer's IMPLS)
         return opt
 
     variants = {

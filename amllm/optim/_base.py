@@ -119,8 +119,11 @@ class AMOptimizerBase(Optimizer):
     #: whose speed does not matter there and which needs no build or compile time).
     _FUSED_MIN_NUMEL = 1 << 20
 
+    #: The ``impl`` values this optimizer accepts: "auto" and functional's names (subclasses).
+    IMPLS: tuple = ("auto",)
+
     def __init__(self, params, defaults: dict, reducer=None, foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None, skip_nonfinite: bool = False):
+                 fused: Optional[bool] = None, skip_nonfinite: bool = False, impl: Optional[str] = None):
         validate_beta_options(*(defaults[k] for k in _BETA_KEYS[:4]))
         if foreach not in (None, True, False):
             raise ValueError(f"Invalid foreach: {foreach!r} (must be None, True or False)")
@@ -128,10 +131,11 @@ class AMOptimizerBase(Optimizer):
             raise ValueError(f"Invalid fused: {fused!r} (must be None, True or False)")
         if fused and foreach is not None:
             raise ValueError("fused=True and foreach cannot both be given")
-        #: "forloop" | "foreach" | "fused" | "auto" (resolved per step); functional.IMPLS
-        #: also has "cpp", "compiled" and "triton", which tests and benchmarks set here directly.
-        self._impl = ("fused" if fused else "forloop" if foreach is False else "foreach"
-                      if foreach or fused is False else "auto")
+        if impl is not None and (foreach is not None or fused is not None):
+            raise ValueError(f"impl={impl!r} and foreach/fused cannot both be given (impl names the path itself)")
+        #: The kernel path (``impl``, see the property): the keyword, else torch's foreach/fused.
+        self._impl = self._valid_impl(impl) if impl is not None else (
+            "fused" if fused else "forloop" if foreach is False else "foreach" if foreach or fused is False else "auto")
         self.reducer = reducer
         self._reset_caches()
         self._beta_state: Optional[BetaState] = None
@@ -312,6 +316,25 @@ class AMOptimizerBase(Optimizer):
     def _weight(self, p: Tensor) -> float:
         """Multiplier of a tensor's partial sums (plain tensors under a mesh reduction)."""
         return 1.0 if is_dtensor(p) else self._plain_weight
+
+    def _valid_impl(self, impl) -> str:
+        if not isinstance(impl, str) or impl not in self.IMPLS:
+            raise ValueError(f"Invalid impl: {impl!r} (must be one of {self.IMPLS})")
+        return impl
+
+    @property
+    def impl(self) -> str:
+        """The kernel path of every step (``impl=`` keyword; settable, validated): ``"auto"``
+        (resolved per step, see ``_resolved_impl``), ``"forloop"``, ``"foreach"``, ``"fused"``
+        (the C++ kernels on CPU, the Triton kernels on CUDA), or one fused path by name:
+        ``"cpp"``, ``"compiled"`` (AMAdamW only), ``"triton"``. Kept by pickling and deepcopy,
+        not by ``state_dict()``: it is how this process runs the step, not training state (a
+        checkpoint written on one device resumes with the path chosen on another)."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        self._impl = self._valid_impl(value)
 
     def _resolved_impl(self) -> str:
         """The kernel path of this step: ``auto`` becomes ``fused`` on an accelerator (the

@@ -28,8 +28,12 @@ compiler's split heuristic), while the chunk table stays small (1B parameters: ~
 so the final reduction reads ~2.4 MB). Small tensors take one program each, most lanes
 masked: their cost is the launch they share with all others.
 
-Tables (pointers, chunk table, layer ids, weights, counts) are cached by the addresses and
-sizes they describe (``_tables.cached``) and uploaded through pinned memory without a
+Alignment is decided per tensor: a tensor whose addresses are 16-byte aligned and whose size
+is a multiple of 16 elements gets 128-bit loads and stores, the others one access per element,
+in the same launch (see ``_triton_kernels.py``).
+
+Tables (pointers, chunk table, layer ids, weights, counts, alignment flags) are cached by the
+addresses and sizes they describe (``_tables.cached``) and uploaded through pinned memory without a
 synchronising copy when they change.
 
 Kernels are defined on first use, per value of ``TRITON_INTERPRET`` (the interpreter runs
@@ -118,9 +122,10 @@ class Meta:
     lstart: Tensor  # [L + 1] first row of each layer in ``order``
     wchunk: Tensor  # float64 weight of each chunk's tensor
     counts: Tensor  # float64 element count per layer
+    align: Tensor  # per tensor: 1 if its addresses are 16-byte aligned and its size a multiple of 16
     n_chunks: int
     n_layers: int
-    aligned: bool  # every address 16-byte aligned, every size a multiple of 16 (128-bit accesses)
+    align_mode: int  # the kernels' ALIGN: 1 every tensor aligned, 0 none, 2 mixed (per-tensor branch)
     host: tuple = ()  # pinned staging copies, alive while the entry is cached
 
 
@@ -152,16 +157,22 @@ def _build_tables(lists, layers, weights, n_layers, device) -> Meta:
     lstart = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(per_layer, 0)])
     ptrs = [torch.tensor([t.data_ptr() for t in lst], dtype=torch.int64) for lst in lists]
     counts = torch.zeros(n_layers, dtype=torch.float64).index_add_(0, layer, numel.double())
+    # 128-bit accesses per tensor: all its addresses (x, g, d[, v]) 16-byte aligned, its size a
+    # multiple of 16 elements (step counters are not element arrays)
+    flags = [all(lst[k].data_ptr() % 16 == 0 for lst in lists[:4]) and lists[0][k].numel() % 16 == 0
+             for k in range(n)]
+    mode = 1 if all(flags) else 2 if any(flags) else 0
+    align = torch.tensor(flags, dtype=torch.int64)
     # One upload per dtype; every table padded to 16 bytes, so that every view is 16-byte
     # aligned: Triton specialises a kernel on each pointer argument's alignment, and tables
     # at arbitrary offsets would compile many variants of each kernel.
-    ints, int_views = _packed([*ptrs, numel, layer, chunk_t, chunk_s, order, lstart], device)
+    ints, int_views = _packed([*ptrs, numel, layer, chunk_t, chunk_s, order, lstart, align], device)
     flts, (wchunk, counts) = _packed([torch.tensor(weights, dtype=torch.float64)[chunk_t], counts], device)
-    aligned = all(t.data_ptr() % 16 == 0 and t.numel() % 16 == 0 for lst in lists[:4] for t in lst)
     k = len(lists)
     return Meta(ptrs=int_views[:k], numel=int_views[k], layer=int_views[k + 1], chunk_t=int_views[k + 2],
                 chunk_s=int_views[k + 3], order=int_views[k + 4], lstart=int_views[k + 5], wchunk=wchunk,
-                counts=counts, n_chunks=n_chunks, n_layers=n_layers, aligned=aligned, host=(ints,))
+                counts=counts, align=int_views[k + 6], n_chunks=n_chunks, n_layers=n_layers, align_mode=mode,
+                host=(ints,))
 
 
 def _packed(tables: list[Tensor], device) -> tuple[Tensor, list[Tensor]]:
@@ -204,9 +215,9 @@ def adamw_stats(xs, gs, ds, vs, steps, layers, weights, n_layers, c1: Tensor, *,
                        device=t0.device)
     if meta.n_chunks:
         _launch("adamw_pass1", meta.n_chunks, t0.device, *meta.ptrs, meta.numel, meta.layer, meta.chunk_t,
-                meta.chunk_s, c1, part, _log(beta2), float(beta2), 1.0 - beta2, float(eps), float(lam),
+                meta.chunk_s, meta.align, c1, part, _log(beta2), float(beta2), 1.0 - beta2, float(eps), float(lam),
                 WITH_X=with_x, K=k, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, FIX_BF16=interpret(),
-                ALIGNED=meta.aligned, num_warps=4)
+                ALIGN=meta.align_mode, num_warps=4)
     return _reduce(meta, part, k, t0.device), meta
 
 
@@ -215,10 +226,10 @@ def adamw_apply(meta: Meta, dtype, c1: Tensor, beta: Tensor, skip, *, beta2, eps
         return
     dt, ct = _types(dtype)
     _launch("adamw_pass2", meta.n_chunks, meta.numel.device, *meta.ptrs, meta.numel, meta.layer, meta.chunk_t,
-            meta.chunk_s, c1, beta, c1 if skip is None else skip, _log(beta2), float(beta2), 1.0 - beta2,
-            float(eps), float(lam), float(lr), 1.0 - lr * wd,
+            meta.chunk_s, meta.align, c1, beta, c1 if skip is None else skip, _log(beta2), float(beta2),
+            1.0 - beta2, float(eps), float(lam), float(lr), 1.0 - lr * wd,
             HAS_SKIP=skip is not None, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, FIX_BF16=interpret(),
-            ALIGNED=meta.aligned, num_warps=4)
+            ALIGN=meta.align_mode, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- AM-SGD
@@ -232,8 +243,9 @@ def sgd_stats(xs, gs, ds, layers, weights, n_layers, *, wd):
     part = torch.empty(meta.n_chunks, 3, dtype=torch.float64 if t0.dtype == torch.float64 else torch.float32,
                        device=t0.device)
     if meta.n_chunks:
-        _launch("sgd_pass1", meta.n_chunks, t0.device, *meta.ptrs, meta.numel, meta.chunk_t, meta.chunk_s, part,
-                float(wd), WITH_X=wd != 0, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, ALIGNED=meta.aligned, num_warps=4)
+        _launch("sgd_pass1", meta.n_chunks, t0.device, *meta.ptrs, meta.numel, meta.chunk_t, meta.chunk_s,
+                meta.align, part, float(wd), WITH_X=wd != 0, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK,
+                ALIGN=meta.align_mode, num_warps=4)
     return _reduce(meta, part, 3, t0.device), meta
 
 
@@ -242,9 +254,9 @@ def sgd_apply(meta: Meta, dtype, beta: Tensor, skip, *, lam, lr, wd) -> None:
         return
     dt, ct = _types(dtype)
     _launch("sgd_pass2", meta.n_chunks, meta.numel.device, *meta.ptrs, meta.numel, meta.layer, meta.chunk_t,
-            meta.chunk_s, beta, beta if skip is None else skip, float(lam), float(lr), float(wd),
+            meta.chunk_s, meta.align, beta, beta if skip is None else skip, float(lam), float(lr), float(wd),
             HAS_SKIP=skip is not None, DT=dt, CT=ct, CHUNK=CHUNK, BLOCK=BLOCK, FIX_BF16=interpret(),
-            ALIGNED=meta.aligned, num_warps=4)
+            ALIGN=meta.align_mode, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- availability

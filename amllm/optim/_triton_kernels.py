@@ -13,11 +13,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _tensor(chunk_t):
+    """The index of this program's tensor."""
+    return tl.load(chunk_t + tl.program_id(0))
+
+
+@triton.jit
 def _span(chunk_t, chunk_s, numel, CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
     """(tensor index, first element, end) of this program's chunk. ``ALIGNED``: the host
-    checked that every address is 16-byte aligned and every size a multiple of 16 elements;
-    with these hints (and ``_ptr``'s) loads and stores compile to 128-bit accesses, without
-    them to one access per element (values loaded from a table carry no alignment)."""
+    checked that this tensor's addresses are 16-byte aligned and its size a multiple of 16
+    elements; with these hints (and ``_ptr``'s) loads and stores compile to 128-bit accesses,
+    without them to one access per element (values loaded from a table carry no alignment).
+    Loaded here, in the body that uses them: a hint marks the op that defines a value, so the
+    aligned and the per-element body need values of their own."""
     pid = tl.program_id(0)
     t = tl.load(chunk_t + pid)
     start = tl.load(chunk_s + pid)
@@ -70,16 +78,21 @@ def _adamw_p(v, g, c1v, isc2, beta2, omb2, eps, lam, DT: tl.constexpr, FIX_BF16:
     return vs, p, u, 1.0 / (p * u)
 
 
+# Per-tensor alignment: every kernel takes ``ALIGN``, the bucket's mode, and ``align``, a flag per
+# tensor. ALIGN = 1: every tensor is aligned (only the 128-bit body is compiled); 0: none is (only
+# the per-element body); 2: mixed, both bodies are compiled and each program takes its tensor's
+# (a branch on a value uniform over the program: no divergence). So one unaligned tensor (a ZeRO
+# fragment at an odd offset) no longer costs its whole bucket the vectorised accesses.
+
+
 @triton.jit
-def adamw_pass1(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, c1, part,
-                log_beta2, beta2, omb2, eps, lam,
-                WITH_X: tl.constexpr, K: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
-                BLOCK: tl.constexpr, FIX_BF16: tl.constexpr, ALIGNED: tl.constexpr):
+def _adamw_sums(xs, gs, ds, vs, numel, chunk_t, chunk_s, c1v, isc2, beta2, omb2, eps, lam,
+                WITH_X: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                FIX_BF16: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pass 1 over this program's chunk: Σg·q, Σδ·q, Σwδ², Σg·x, Σδ·x (the last two 0 without WITH_X)."""
     t, start, end = _span(chunk_t, chunk_s, numel, CHUNK, ALIGNED)
     xp, gp = _ptr(xs, t, DT, ALIGNED), _ptr(gs, t, DT, ALIGNED)
     dp, vp = _ptr(ds, t, DT, ALIGNED), _ptr(vs, t, DT, ALIGNED)
-    c1v = tl.load(c1 + tl.load(layer + t)).to(CT)
-    isc2 = _isc2(steps, t, log_beta2).to(CT)
     z = tl.zeros([BLOCK], CT)  # per-lane partial sums (values: rebinding never aliases)
     s0, s1, s2, s3, s4 = z, z, z, z, z
     for off in range(start, end, BLOCK):
@@ -98,30 +111,50 @@ def adamw_pass1(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, c1, part,
             x = _ld(xp, o, m, CT)
             s3 += g * x
             s4 += delta * x
-    out = part + tl.program_id(0) * K  # K = 5 with x, else 3
-    tl.store(out, tl.sum(s0, 0))
-    tl.store(out + 1, tl.sum(s1, 0))
-    tl.store(out + 2, tl.sum(s2, 0))
-    if WITH_X:
-        tl.store(out + 3, tl.sum(s3, 0))
-        tl.store(out + 4, tl.sum(s4, 0))
+    return tl.sum(s0, 0), tl.sum(s1, 0), tl.sum(s2, 0), tl.sum(s3, 0), tl.sum(s4, 0)
 
 
 @triton.jit
-def adamw_pass2(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, c1, beta, skip,
-                log_beta2, beta2, omb2, eps, lam, lr, decay,
-                HAS_SKIP: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
-                BLOCK: tl.constexpr, FIX_BF16: tl.constexpr, ALIGNED: tl.constexpr):
+def adamw_pass1(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, align, c1, part,
+                log_beta2, beta2, omb2, eps, lam,
+                WITH_X: tl.constexpr, K: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
+                BLOCK: tl.constexpr, FIX_BF16: tl.constexpr, ALIGN: tl.constexpr):
+    t = _tensor(chunk_t)
+    c1v = tl.load(c1 + tl.load(layer + t)).to(CT)
+    isc2 = _isc2(steps, t, log_beta2).to(CT)
+    if ALIGN == 2:  # per tensor: a branch uniform over the program
+        if tl.load(align + t) != 0:
+            s0, s1, s2, s3, s4 = _adamw_sums(xs, gs, ds, vs, numel, chunk_t, chunk_s, c1v, isc2, beta2, omb2, eps, lam,
+                                             WITH_X, DT, CT, CHUNK, BLOCK, FIX_BF16, True)
+        else:
+            s0, s1, s2, s3, s4 = _adamw_sums(xs, gs, ds, vs, numel, chunk_t, chunk_s, c1v, isc2, beta2, omb2, eps, lam,
+                                             WITH_X, DT, CT, CHUNK, BLOCK, FIX_BF16, False)
+    elif ALIGN == 1:
+        s0, s1, s2, s3, s4 = _adamw_sums(xs, gs, ds, vs, numel, chunk_t, chunk_s, c1v, isc2, beta2, omb2, eps, lam,
+                                         WITH_X, DT, CT, CHUNK, BLOCK, FIX_BF16, True)
+    else:
+        s0, s1, s2, s3, s4 = _adamw_sums(xs, gs, ds, vs, numel, chunk_t, chunk_s, c1v, isc2, beta2, omb2, eps, lam,
+                                         WITH_X, DT, CT, CHUNK, BLOCK, FIX_BF16, False)
+    out = part + tl.program_id(0) * K  # K = 5 with x, else 3
+    tl.store(out, s0)
+    tl.store(out + 1, s1)
+    tl.store(out + 2, s2)
+    if WITH_X:
+        tl.store(out + 3, s3)
+        tl.store(out + 4, s4)
+
+
+@triton.jit
+def _adamw_update(xs, gs, ds, vs, numel, chunk_t, chunk_s, skip, c1v, b, isc2, beta2, omb2, eps, lam, lr, decay,
+                  HAS_SKIP: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
+                  BLOCK: tl.constexpr, FIX_BF16: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pass 2 over this program's chunk: v, d, x written (nothing on a skipped step)."""
     t, start, end = _span(chunk_t, chunk_s, numel, CHUNK, ALIGNED)
     if HAS_SKIP:
         if tl.load(skip) != 0:
             end = start  # skipped step: no element is read or written
     xp, gp = _ptr(xs, t, DT, ALIGNED), _ptr(gs, t, DT, ALIGNED)
     dp, vp = _ptr(ds, t, DT, ALIGNED), _ptr(vs, t, DT, ALIGNED)
-    li = tl.load(layer + t)
-    c1v = tl.load(c1 + li).to(CT)
-    b = tl.load(beta + li).to(CT)
-    isc2 = _isc2(steps, t, log_beta2).to(CT)
     for off in range(start, end, BLOCK):
         o = off + tl.arange(0, BLOCK)
         m = o < end
@@ -136,9 +169,35 @@ def adamw_pass2(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, c1, beta,
 
 
 @triton.jit
-def sgd_pass1(xs, gs, ds, numel, chunk_t, chunk_s, part, wd,
-              WITH_X: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
-              BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def adamw_pass2(xs, gs, ds, vs, steps, numel, layer, chunk_t, chunk_s, align, c1, beta, skip,
+                log_beta2, beta2, omb2, eps, lam, lr, decay,
+                HAS_SKIP: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
+                BLOCK: tl.constexpr, FIX_BF16: tl.constexpr, ALIGN: tl.constexpr):
+    t = _tensor(chunk_t)
+    li = tl.load(layer + t)
+    c1v = tl.load(c1 + li).to(CT)
+    b = tl.load(beta + li).to(CT)
+    isc2 = _isc2(steps, t, log_beta2).to(CT)
+    if ALIGN == 2:  # per tensor: a branch uniform over the program
+        if tl.load(align + t) != 0:
+            _adamw_update(xs, gs, ds, vs, numel, chunk_t, chunk_s, skip, c1v, b, isc2, beta2, omb2, eps, lam, lr,
+                          decay, HAS_SKIP, DT, CT, CHUNK, BLOCK, FIX_BF16, True)
+        else:
+            _adamw_update(xs, gs, ds, vs, numel, chunk_t, chunk_s, skip, c1v, b, isc2, beta2, omb2, eps, lam, lr,
+                          decay, HAS_SKIP, DT, CT, CHUNK, BLOCK, FIX_BF16, False)
+    elif ALIGN == 1:
+        _adamw_update(xs, gs, ds, vs, numel, chunk_t, chunk_s, skip, c1v, b, isc2, beta2, omb2, eps, lam, lr,
+                      decay, HAS_SKIP, DT, CT, CHUNK, BLOCK, FIX_BF16, True)
+    else:
+        _adamw_update(xs, gs, ds, vs, numel, chunk_t, chunk_s, skip, c1v, b, isc2, beta2, omb2, eps, lam, lr,
+                      decay, HAS_SKIP, DT, CT, CHUNK, BLOCK, FIX_BF16, False)
+
+
+@triton.jit
+def _sgd_sums(xs, gs, ds, numel, chunk_t, chunk_s, wd,
+              WITH_X: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+              ALIGNED: tl.constexpr):
+    """Pass 1 over this program's chunk: Σ G·d, Σ δ·G, Σ δ·δ."""
     t, start, end = _span(chunk_t, chunk_s, numel, CHUNK, ALIGNED)
     xp, gp, dp = _ptr(xs, t, DT, ALIGNED), _ptr(gs, t, DT, ALIGNED), _ptr(ds, t, DT, ALIGNED)
     z = tl.zeros([BLOCK], CT)
@@ -154,22 +213,39 @@ def sgd_pass1(xs, gs, ds, numel, chunk_t, chunk_s, part, wd,
         s0 += g * d
         s1 += delta * g
         s2 += delta * delta
-    out = part + tl.program_id(0) * 3
-    tl.store(out, tl.sum(s0, 0))
-    tl.store(out + 1, tl.sum(s1, 0))
-    tl.store(out + 2, tl.sum(s2, 0))
+    return tl.sum(s0, 0), tl.sum(s1, 0), tl.sum(s2, 0)
 
 
 @triton.jit
-def sgd_pass2(xs, gs, ds, numel, layer, chunk_t, chunk_s, beta, skip, lam, lr, wd,
-              HAS_SKIP: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
-              BLOCK: tl.constexpr, FIX_BF16: tl.constexpr, ALIGNED: tl.constexpr):
+def sgd_pass1(xs, gs, ds, numel, chunk_t, chunk_s, align, part, wd,
+              WITH_X: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
+              BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    t = _tensor(chunk_t)
+    if ALIGN == 2:  # per tensor: a branch uniform over the program
+        if tl.load(align + t) != 0:
+            s0, s1, s2 = _sgd_sums(xs, gs, ds, numel, chunk_t, chunk_s, wd, WITH_X, DT, CT, CHUNK, BLOCK, True)
+        else:
+            s0, s1, s2 = _sgd_sums(xs, gs, ds, numel, chunk_t, chunk_s, wd, WITH_X, DT, CT, CHUNK, BLOCK, False)
+    elif ALIGN == 1:
+        s0, s1, s2 = _sgd_sums(xs, gs, ds, numel, chunk_t, chunk_s, wd, WITH_X, DT, CT, CHUNK, BLOCK, True)
+    else:
+        s0, s1, s2 = _sgd_sums(xs, gs, ds, numel, chunk_t, chunk_s, wd, WITH_X, DT, CT, CHUNK, BLOCK, False)
+    out = part + tl.program_id(0) * 3
+    tl.store(out, s0)
+    tl.store(out + 1, s1)
+    tl.store(out + 2, s2)
+
+
+@triton.jit
+def _sgd_update(xs, gs, ds, numel, chunk_t, chunk_s, skip, coef, lr, wd,
+                HAS_SKIP: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
+                BLOCK: tl.constexpr, FIX_BF16: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pass 2 over this program's chunk: d, x written (nothing on a skipped step)."""
     t, start, end = _span(chunk_t, chunk_s, numel, CHUNK, ALIGNED)
     if HAS_SKIP:
         if tl.load(skip) != 0:
             end = start
     xp, gp, dp = _ptr(xs, t, DT, ALIGNED), _ptr(gs, t, DT, ALIGNED), _ptr(ds, t, DT, ALIGNED)
-    coef = (tl.load(beta + tl.load(layer + t)).to(CT) - 1.0) / (1.0 + lam)
     for off in range(start, end, BLOCK):
         o = off + tl.arange(0, BLOCK)
         m = o < end
@@ -179,6 +255,27 @@ def sgd_pass2(xs, gs, ds, numel, layer, chunk_t, chunk_s, beta, skip, lam, lr, w
         dn = d + coef * (d - g)  # ((β+λ)d + (1-β)G)/(1+λ)
         tl.store(dp + o, _rnd(dn, DT, FIX_BF16), mask=m)
         tl.store(xp + o, _rnd(x - lr * dn, DT, FIX_BF16), mask=m)
+
+
+@triton.jit
+def sgd_pass2(xs, gs, ds, numel, layer, chunk_t, chunk_s, align, beta, skip, lam, lr, wd,
+              HAS_SKIP: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, CHUNK: tl.constexpr,
+              BLOCK: tl.constexpr, FIX_BF16: tl.constexpr, ALIGN: tl.constexpr):
+    t = _tensor(chunk_t)
+    coef = (tl.load(beta + tl.load(layer + t)).to(CT) - 1.0) / (1.0 + lam)
+    if ALIGN == 2:  # per tensor: a branch uniform over the program
+        if tl.load(align + t) != 0:
+            _sgd_update(xs, gs, ds, numel, chunk_t, chunk_s, skip, coef, lr, wd,
+                        HAS_SKIP, DT, CT, CHUNK, BLOCK, FIX_BF16, True)
+        else:
+            _sgd_update(xs, gs, ds, numel, chunk_t, chunk_s, skip, coef, lr, wd,
+                        HAS_SKIP, DT, CT, CHUNK, BLOCK, FIX_BF16, False)
+    elif ALIGN == 1:
+        _sgd_update(xs, gs, ds, numel, chunk_t, chunk_s, skip, coef, lr, wd,
+                    HAS_SKIP, DT, CT, CHUNK, BLOCK, FIX_BF16, True)
+    else:
+        _sgd_update(xs, gs, ds, numel, chunk_t, chunk_s, skip, coef, lr, wd,
+                    HAS_SKIP, DT, CT, CHUNK, BLOCK, FIX_BF16, False)
 
 
 @triton.jit

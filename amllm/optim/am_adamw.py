@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ._base import AMOptimizerBase, _check, eager_step, refuse, signed_grads, validate_common
-from .functional import AdamWGroup, am_adamw
+from .functional import ADAMW_IMPLS, AdamWGroup, am_adamw
 from .reduce import local
 
 
@@ -70,6 +70,10 @@ class AMAdamW(AMOptimizerBase):
             whatever cannot be built falls back to foreach with one warning.
             With neither given ("auto"): fused for models of ≥ 2^20 elements
             (``_FUSED_MIN_NUMEL``), foreach below.
+        impl: the kernel path by name instead of foreach/fused: "auto", "forloop",
+            "foreach", "fused", or one fused path forced where it can run: "cpp",
+            "compiled" (the torch.compile'd kernels), "triton" (on CPU tensors under
+            ``TRITON_INTERPRET=1``). Also the ``impl`` attribute (settable, validated).
         skip_nonfinite: skip a step whose all-reduced sums are not all finite (a NaN/inf
             gradient on any rank), on every rank alike. See also ``found_inf``.
         maximize: ascend (the gradient is negated; per group).
@@ -91,6 +95,7 @@ class AMAdamW(AMOptimizerBase):
     """
 
     _name = "AMAdamW"
+    IMPLS = ("auto", *ADAMW_IMPLS)
 
     def __init__(
         self,
@@ -113,6 +118,8 @@ class AMAdamW(AMOptimizerBase):
         capturable: bool = False,
         differentiable: bool = False,
         amsgrad: bool = False,
+        *,
+        impl: Optional[str] = None,
     ):
         refuse(self._name, "capturable", capturable, False,
                "a step runs host-side bookkeeping (lr ratio, group walk) that CUDA graphs cannot capture; "
@@ -127,7 +134,7 @@ class AMAdamW(AMOptimizerBase):
                         restart_threshold=restart_threshold, restart_low=restart_low,
                         maximize=bool(maximize))
         super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, impl=impl)
 
     def _beta_max(self, group: dict) -> float:
         return group["betas"][0]

@@ -7,8 +7,25 @@ from typing import Optional
 import torch
 
 from ._base import AMOptimizerBase, eager_step, refuse, signed_grads, validate_common
-from .functional import SGDGroup, am_sgd
+from .functional import SGD_IMPLS, SGDGroup, am_sgd
 from .reduce import local
+
+
+_MOMENTUM_DEFAULT = 0.9  # AMSGD's default `momentum` (its signature's)
+
+
+def _beta_max_of(momentum: float, beta_max: Optional[float]) -> float:
+    """β_max from ``momentum`` (torch SGD's name, which momentum schedulers read) and its alias
+    ``beta_max`` (the name before ``momentum``). The alias wins over a ``momentum`` at the default:
+    an explicit 0.9 cannot be told from the default, so ``momentum=0.9, beta_max=0.5`` is 0.5. Two
+    explicit values that differ are refused: neither can be taken silently."""
+    if beta_max is None:
+        return momentum
+    if momentum != _MOMENTUM_DEFAULT and momentum != beta_max:
+        raise ValueError(f"momentum={momentum} and beta_max={beta_max} disagree: both set AM-SGD's β_max "
+                         f"(beta_max= is an alias of momentum=); pass only one of them, preferably momentum= "
+                         f"(torch SGD's name, which momentum schedulers read)")
+    return beta_max
 
 
 class AMSGD(AMOptimizerBase):
@@ -39,17 +56,18 @@ class AMSGD(AMOptimizerBase):
     ``skip_nonfinite``, ``last_skipped`` included), β introspection and checkpoints: as
     :class:`AMAdamW`. ``foreach``: as AMAdamW; ``fused=True``: the C++ kernels on CPU (as
     AMAdamW; foreach where they cannot be built: there are no compiled AM-SGD kernels), the
-    multi-tensor Triton kernels on CUDA. Per-param state: ``momentum_buffer`` (not created
-    by a skipped step). ``last_sums`` is [L, 4] = A, B, C, count.
+    multi-tensor Triton kernels on CUDA; ``impl=``: as AMAdamW's, without "compiled".
+    Per-param state: ``momentum_buffer`` (not created by a skipped step). ``last_sums`` is [L, 4] = A, B, C, count.
     """
 
     _name = "AMSGD"
+    IMPLS = ("auto", *SGD_IMPLS)
 
     def __init__(
         self,
         params,
         lr: float,
-        momentum: float = 0.9,
+        momentum: float = _MOMENTUM_DEFAULT,
         lam: float = 0.1,
         weight_decay: float = 0.0,
         per_layer: bool = False,
@@ -66,11 +84,9 @@ class AMSGD(AMOptimizerBase):
         nesterov: bool = False,
         *,
         beta_max: Optional[float] = None,
+        impl: Optional[str] = None,
     ):
-        if beta_max is not None:  # the name before `momentum` (torch SGD's, which schedulers look for)
-            if momentum not in (0.9, beta_max):
-                raise ValueError(f"momentum={momentum} and its alias beta_max={beta_max} disagree")
-            momentum = beta_max
+        momentum = _beta_max_of(momentum, beta_max)
         refuse(self._name, "dampening", dampening, 0.0,
                "AM-SGD's d is already dampened: a convex combination ((β+λ)d + (1-β)g)/(1+λ) with the solved β")
         refuse(self._name, "nesterov", nesterov, False,
@@ -80,11 +96,12 @@ class AMSGD(AMOptimizerBase):
                         beta_policy=beta_policy, beta_min=beta_min, restart_threshold=restart_threshold,
                         restart_low=restart_low, maximize=bool(maximize))
         super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, impl=impl)
 
     def _upgrade_group(self, group: dict) -> None:
         if "beta_max" in group:  # groups saved before `momentum`, or given with the alias
-            group.setdefault("momentum", group.pop("beta_max"))
+            alias = group.pop("beta_max")
+            group["momentum"] = _beta_max_of(group["momentum"], alias) if "momentum" in group else alias
 
     def _beta_max(self, group: dict) -> float:
         return group["momentum"]

@@ -8,7 +8,7 @@ Vocabulary
 *layer*: the set of elements sharing one β. Global variant: one layer holding every
 element of every param group. ``per_layer``: one layer per parameter tensor, or per
 param group when the group sets ``layer_per_group=True``. A flat-shard hook lets one
-tensor hold elements of several layers (see :func:`segment_sums`).
+tensor hold elements of several layers (see :func:`elementwise_layer_sums`).
 
 *packed sums*: a ``[n_layers, K + 1]`` float32/float64 matrix. Columns ``0..K-1`` are
 the spec's sums (AM-AdamW: A, B, C, D; AM-SGD: A, B, C); the last column counts the
@@ -120,18 +120,6 @@ class BetaState:
 
     def to_dict(self) -> dict[str, Tensor]:
         return {k: getattr(self, k) for k in ("pi", "last_beta", "beta_step", "fallback_count")}
-
-
-def segment_sums(partials: Tensor, layer_of_row: Tensor, n_layers: int) -> Tensor:
-    """Route per-row partial sums to layers: ``[R, K] -> [L, K]`` via ``index_add_``.
-
-    A row is one tensor (the usual case) or one segment of a flat shard. This is the
-    hook for flat partitions (DeepSpeed ZeRO: one flat fp32 tensor per group holding
-    slices of many layers): give the tensor a per-element layer map and the kernels
-    produce one row per (tensor, layer) — see ``elementwise_layer_sums``.
-    """
-    out = torch.zeros(n_layers, partials.shape[1], dtype=partials.dtype, device=partials.device)
-    return out.index_add_(0, layer_of_row, partials)
 
 
 def elementwise_layer_sums(products: Tensor, element_layer: Tensor, n_layers: int) -> Tensor:

@@ -11,7 +11,12 @@ One step has three phases, the same for both optimizers:
    flag is formed (``found_inf`` / non-finite sums, see ``_skip_flag``).
 3. *apply*: the moment and parameter updates with the per-layer β (none on a skipped step).
 
-Implementations of phases 1 and 3 (``impl``):
+Implementations of phases 1 and 3 (``impl``), one table per optimizer, ``ADAMW_KERNELS`` and
+``SGD_KERNELS``: ``{path: (stats, apply)}``, every path a pair of named functions
+(``_adamw_stats_foreach``, ``_sgd_apply_triton``, ...) with the same signatures
+(``stats(grp, idx, ctx) -> (sums, scratch)``, ``apply(grp, idx, scratch, ctx, beta, skip)``).
+``_buckets`` resolves the requested ``impl`` per (path, device, dtype) bucket to a key of the
+table; one step then calls each bucket's pair:
 
 * ``"forloop"``: one tensor at a time, written line by line from the spec. Readable;
   also the only one that handles tensors whose elements belong to several layers
@@ -56,7 +61,6 @@ from .beta import BetaConfig, BetaState, at_layer, elementwise_layer_sums, finis
 Reducer = Optional[Callable[[Tensor], Tensor]]
 Layer = Union[int, Tensor]  # a layer index, or an int64 element→layer map (flat shards)
 
-IMPLS = ("forloop", "foreach", "fused", "cpp", "compiled", "triton")
 _FUSED = ("fused", "cpp", "compiled", "triton")
 
 
@@ -165,18 +169,36 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
+@dataclass
+class _Ctx:
+    """What every kernel of one step needs besides its group and bucket: the layer count, the
+    statistics' dtype and device (the β state's), and AM-AdamW's c1 per layer ``[L]``."""
+
+    n_layers: int
+    dtype: torch.dtype
+    device: torch.device
+    c1: Optional[Tensor] = None
+
+
+#: Paths that read the skip flag themselves (in the kernel, no host read); the others run
+#: only when the host has read it as false (see ``_apply_buckets``).
+_SELF_SKIPPING = ("triton", "cpp")
+
+
 def _buckets(n: int, tensors: list[Tensor], layers: list[Layer], impl: str = "foreach", others=(),
-             compiled: bool = True) -> dict:
-    """Indices grouped by ``(impl, device, dtype)``, each bucket's impl resolved:
+             kernels: Optional[dict] = None) -> dict:
+    """Indices grouped by ``(impl, device, dtype)``, each bucket's impl resolved to a key of
+    ``kernels`` (the optimizer's table; default AM-AdamW's):
 
     element→layer maps always take ``"forloop"``. The fused impls need contiguous
     tensors (``tensors`` and every list in ``others``), else ``"forloop"``, and one dtype
     for a tensor and its grad/state, else ``"foreach"``. Then ``"fused"`` takes, on CPU, the
-    C++ kernels where they build, then (when the optimizer has them, ``compiled``) the
-    torch.compile'd kernels, and on any other device (CUDA) the Triton kernels; ``"cpp"``,
-    ``"compiled"``, ``"triton"`` force theirs. Whatever is unavailable: ``"foreach"``. The
-    compiled kernels skip tensors of < 2 elements (``"forloop"``).
+    C++ kernels where they build, then (when the table has them) the torch.compile'd
+    kernels, and on any other device (CUDA) the Triton kernels; ``"cpp"``, ``"compiled"``,
+    ``"triton"`` force theirs. Whatever is unavailable: ``"foreach"``. The compiled kernels
+    skip tensors of < 2 elements (``"forloop"``).
     """
+    compiled = "compiled" in (ADAMW_KERNELS if kernels is None else kernels)
     out: dict = {}
     triton_ok: dict = {}  # (device, dtype) -> bool, asked once per step, not per tensor
     for i in range(n):
@@ -227,7 +249,45 @@ def _host_skip(skip: Optional[Tensor]) -> bool:
     return skip is not None and bool(skip)
 
 
+def _stats_of(kernels: dict, grp, buckets: dict, ctx: _Ctx, packed: Optional[Tensor] = None):
+    """Phase 1 over a group's buckets, each by its path's ``stats``: ``packed`` plus the buckets'
+    ``[L, K+1]`` sums (None without either) and the scratch per bucket for phase 3."""
+    scratch = {}
+    for key, idx in buckets.items():
+        part, scratch[key] = kernels[key[0]][0](grp, idx, ctx)
+        packed = part if packed is None else packed + part.to(packed.device, packed.dtype)
+    return packed, scratch
+
+
+def _apply_buckets(buckets: dict, skip: Optional[Tensor]):
+    """The buckets whose apply phase runs: the Triton and C++ kernels honour the skip flag
+    themselves; the fallback paths run only if it is false, read on the host at most once."""
+    host_skip = None
+    for key, idx in buckets.items():
+        if key[0] not in _SELF_SKIPPING:
+            if host_skip is None:
+                host_skip = _host_skip(skip)
+            if host_skip:
+                continue
+        yield key, idx
+
+
+def _apply_of(kernels: dict, grp, buckets: dict, scratch: dict, ctx: _Ctx, beta: Tensor, skip: Optional[Tensor]):
+    """Phase 3 over a group's buckets, each by its path's ``apply``."""
+    for key, idx in _apply_buckets(buckets, skip):
+        kernels[key[0]][1](grp, idx, scratch[key], ctx, beta, skip)
+
+
+def _host_scalars(vec: Tensor, layers: list[Layer], idx: list[int]) -> list[float]:
+    """``vec[layer]`` per tensor as Python floats (the C++ kernels run on CPU: no device sync)."""
+    h = vec.tolist()
+    return [h[layers[i]] for i in idx]
+
+
 # ----------------------------------------------------------------------------- AM-AdamW
+# Each path is a (stats, apply) pair in ADAMW_KERNELS:
+#   stats(grp, idx, ctx) -> ([L, 5] sums A, B, C, D, count of the bucket's tensors, scratch)
+#   apply(grp, idx, scratch, ctx, beta, skip): v, d and x in place (skip: see _apply_buckets)
 
 
 def _adamw_stats_one(x, g, d, v, *, isc2, c1, beta2, eps, lam, wd, coef_a, layer, n_layers, weight):
@@ -254,7 +314,30 @@ def _adamw_apply_one(x, g, d, v, p, v_new, beta, *, lr, wd, lam):
     x.copy_(x_new)
 
 
-def _adamw_stats_foreach(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: int):
+def _adamw_stats_forloop(grp: AdamWGroup, idx: list[int], ctx: _Ctx):
+    """The spec's lines, one tensor at a time (also element→layer maps)."""
+    parts, pv = [], []
+    isc2 = _isc2(grp, idx).to(ctx.c1.dtype)
+    for k, i in enumerate(idx):
+        layer = grp.layers[i]
+        part_i, p, v_new = _adamw_stats_one(
+            grp.params[i], grp.grads[i], grp.exp_avgs[i], grp.exp_avg_sqs[i],
+            isc2=isc2[k], c1=at_layer(ctx.c1, layer), beta2=grp.beta2, eps=grp.eps, lam=grp.lam,
+            wd=grp.weight_decay, coef_a=grp.lr_ratio * (1 + grp.weight_decay * grp.lr),
+            layer=layer, n_layers=ctx.n_layers, weight=grp.weights[i],
+        )
+        parts.append(part_i)
+        pv.append((p, v_new))
+    return torch.stack(parts).sum(0), pv
+
+
+def _adamw_apply_forloop(grp: AdamWGroup, idx: list[int], pv, ctx: _Ctx, beta: Tensor, skip):
+    for i, (p, v_new) in zip(idx, pv):
+        _adamw_apply_one(grp.params[i], grp.grads[i], grp.exp_avgs[i], grp.exp_avg_sqs[i], p, v_new,
+                         at_layer(beta, grp.layers[i]), lr=grp.lr, wd=grp.weight_decay, lam=grp.lam)
+
+
+def _adamw_stats_foreach(grp: AdamWGroup, idx: list[int], ctx: _Ctx):
     """Multi-tensor stats for one (device, dtype) bucket.
 
     Rewrites vs the spec lines (exact algebra, fewer passes):
@@ -262,6 +345,7 @@ def _adamw_stats_foreach(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: 
       w δ is kept (as ``wd_``) for the update: d_new = d - (1-β) (w δ) p.
     The new v is a new list (written back by the apply phase).
     """
+    c1 = ctx.c1
     X = [_up(grp.params[i]) for i in idx]
     G = [_up(grp.grads[i]) for i in idx]
     Dm = [_up(grp.exp_avgs[i]) for i in idx]
@@ -289,82 +373,10 @@ def _adamw_stats_foreach(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: 
         raw.append(torch.stack(row))
     del Q, Delta
     raw = torch.stack(raw)  # [n, 3 or 5]: Σgq, Σδq, C, (Σgx, Σδx)
-    return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, n_layers), (X, Dm, P, WDelta, V)
+    return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, ctx.n_layers), (X, Dm, P, WDelta, V)
 
 
-def _adamw_rows(raw: Tensor, grp: AdamWGroup) -> Tensor:
-    """``[n, 3 or 5]`` raw sums (Σgq, Σδq, C, (Σgx, Σδx)) -> ``[n, 4]`` = A, B, C, D.
-    (Linear in ``raw``: applied to per-tensor or to per-layer sums alike.)"""
-    mu = grp.weight_decay
-    coef_a = grp.lr_ratio * (1 + mu * grp.lr)
-    a = coef_a * (raw[:, 0] + mu * raw[:, 3]) if mu != 0 else coef_a * raw[:, 0]
-    d_ = mu * raw[:, 4] if mu != 0 else torch.zeros_like(a)
-    return torch.stack([a, raw[:, 1] - raw[:, 2], raw[:, 2], d_], 1)
-
-
-def _adamw_stats_compiled(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: int):
-    """Pass 1 of the compiled path: five partial sums per tensor (v is written in pass 2)."""
-    f = _compiled.compiled("adamw_pass1")
-    F = _compiled.flat
-    isc2 = _isc2(grp, idx).to(c1.dtype)
-    raw = torch.stack([
-        f(F(grp.params[i]), F(grp.grads[i]), F(grp.exp_avgs[i]), F(grp.exp_avg_sqs[i]), c1[grp.layers[i]],
-          grp.beta2, grp.eps, grp.lam, isc2[k])
-        for k, i in enumerate(idx)])
-    return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, n_layers), isc2
-
-
-def _adamw_apply_compiled(grp: AdamWGroup, idx: list[int], isc2: Tensor, c1: Tensor, beta: Tensor):
-    """Pass 2 of the compiled path: v, d and x in place (v and p recomputed)."""
-    f = _compiled.compiled("adamw_pass2")
-    F = _compiled.flat
-    for k, i in enumerate(idx):
-        f(F(grp.params[i]), F(grp.grads[i]), F(grp.exp_avgs[i]), F(grp.exp_avg_sqs[i]), c1[grp.layers[i]],
-          beta[grp.layers[i]], grp.beta2, grp.eps, grp.lam, isc2[k], grp.lr, grp.weight_decay)
-
-
-def _host_scalars(vec: Tensor, layers: list[Layer], idx: list[int]) -> list[float]:
-    """``vec[layer]`` per tensor as Python floats (the C++ kernels run on CPU: no device sync)."""
-    h = vec.tolist()
-    return [h[layers[i]] for i in idx]
-
-
-def _adamw_stats_cpp(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: int):
-    """Pass 1 of the C++ kernels: the sums of all tensors in one call (Σgx, Σδx only with
-    weight decay: x is then not read at all; v is written in pass 2). The bucket's tensor
-    lists go into the scratch for pass 2."""
-    ext = _cpu_ext.load()
-    c1s = _host_scalars(c1, grp.layers, idx)
-    isc2 = _isc2(grp, idx).tolist()  # CPU counters: a read of host memory, not a device sync
-    xgdv = [[lst[i] for i in idx] for lst in (grp.params, grp.grads, grp.exp_avgs, grp.exp_avg_sqs)]
-    with_x = grp.weight_decay != 0
-    raw = ext.adamw_pass1(*xgdv, c1s, isc2, grp.beta2, grp.eps, grp.lam, with_x)
-    raw = raw.to(c1.dtype)[:, :5 if with_x else 3]
-    return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, n_layers), (xgdv, c1s, isc2)
-
-
-def _adamw_apply_cpp(grp: AdamWGroup, idx: list[int], scratch, beta: Tensor, skip):
-    xgdv, c1s, isc2 = scratch
-    _cpu_ext.load().adamw_pass2(*xgdv, c1s, _host_scalars(beta, grp.layers, idx), isc2, grp.beta2, grp.eps,
-                                grp.lam, grp.lr, grp.weight_decay, skip)
-
-
-def _adamw_stats_triton(grp: AdamWGroup, idx: list[int], c1: Tensor, n_layers: int):
-    """Pass 1 and the per-layer reduction: two launches for the whole bucket (``[L, 5]`` out)."""
-    lists = [[lst[i] for i in idx] for lst in (grp.params, grp.grads, grp.exp_avgs, grp.exp_avg_sqs, grp.steps)]
-    sums, meta = _triton.adamw_stats(*lists, [grp.layers[i] for i in idx], [grp.weights[i] for i in idx],
-                                     n_layers, c1, beta2=grp.beta2, eps=grp.eps, lam=grp.lam,
-                                     with_x=grp.weight_decay != 0)
-    sums = sums.to(c1.dtype)
-    return torch.cat([_adamw_rows(sums[:, :-1], grp), sums[:, -1:]], 1), meta
-
-
-def _adamw_apply_triton(grp: AdamWGroup, idx: list[int], meta, c1: Tensor, beta: Tensor, skip):
-    _triton.adamw_apply(meta, grp.params[idx[0]].dtype, c1, beta, skip, beta2=grp.beta2, eps=grp.eps,
-                        lam=grp.lam, lr=grp.lr, wd=grp.weight_decay)
-
-
-def _adamw_apply_foreach(grp: AdamWGroup, idx: list[int], scratch, beta: Tensor):
+def _adamw_apply_foreach(grp: AdamWGroup, idx: list[int], scratch, ctx: _Ctx, beta: Tensor, skip):
     X, Dm, P, S, V = scratch
     torch._foreach_mul_(S, [1 - beta[grp.layers[i]] for i in idx])  # S = (1-β) w δ
     torch._foreach_addcmul_(Dm, S, P, value=-1)  # d ← d - (1-β) δ/(1+λp)
@@ -377,73 +389,97 @@ def _adamw_apply_foreach(grp: AdamWGroup, idx: list[int], scratch, beta: Tensor)
         _writeback(grp.params[i], X[k])
 
 
+def _adamw_rows(raw: Tensor, grp: AdamWGroup) -> Tensor:
+    """``[n, 3 or 5]`` raw sums (Σgq, Σδq, C, (Σgx, Σδx)) -> ``[n, 4]`` = A, B, C, D.
+    (Linear in ``raw``: applied to per-tensor or to per-layer sums alike.)"""
+    mu = grp.weight_decay
+    coef_a = grp.lr_ratio * (1 + mu * grp.lr)
+    a = coef_a * (raw[:, 0] + mu * raw[:, 3]) if mu != 0 else coef_a * raw[:, 0]
+    d_ = mu * raw[:, 4] if mu != 0 else torch.zeros_like(a)
+    return torch.stack([a, raw[:, 1] - raw[:, 2], raw[:, 2], d_], 1)
+
+
+def _adamw_stats_compiled(grp: AdamWGroup, idx: list[int], ctx: _Ctx):
+    """Pass 1 of the compiled path: five partial sums per tensor (v is written in pass 2)."""
+    c1 = ctx.c1
+    f = _compiled.compiled("adamw_pass1")
+    F = _compiled.flat
+    isc2 = _isc2(grp, idx).to(c1.dtype)
+    raw = torch.stack([
+        f(F(grp.params[i]), F(grp.grads[i]), F(grp.exp_avgs[i]), F(grp.exp_avg_sqs[i]), c1[grp.layers[i]],
+          grp.beta2, grp.eps, grp.lam, isc2[k])
+        for k, i in enumerate(idx)])
+    return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, ctx.n_layers), isc2
+
+
+def _adamw_apply_compiled(grp: AdamWGroup, idx: list[int], isc2: Tensor, ctx: _Ctx, beta: Tensor, skip):
+    """Pass 2 of the compiled path: v, d and x in place (v and p recomputed)."""
+    c1 = ctx.c1
+    f = _compiled.compiled("adamw_pass2")
+    F = _compiled.flat
+    for k, i in enumerate(idx):
+        f(F(grp.params[i]), F(grp.grads[i]), F(grp.exp_avgs[i]), F(grp.exp_avg_sqs[i]), c1[grp.layers[i]],
+          beta[grp.layers[i]], grp.beta2, grp.eps, grp.lam, isc2[k], grp.lr, grp.weight_decay)
+
+
+def _adamw_stats_cpp(grp: AdamWGroup, idx: list[int], ctx: _Ctx):
+    """Pass 1 of the C++ kernels: the sums of all tensors in one call (Σgx, Σδx only with
+    weight decay: x is then not read at all; v is written in pass 2). The bucket's tensor
+    lists go into the scratch for pass 2."""
+    c1 = ctx.c1
+    ext = _cpu_ext.load()
+    c1s = _host_scalars(c1, grp.layers, idx)
+    isc2 = _isc2(grp, idx).tolist()  # CPU counters: a read of host memory, not a device sync
+    xgdv = [[lst[i] for i in idx] for lst in (grp.params, grp.grads, grp.exp_avgs, grp.exp_avg_sqs)]
+    with_x = grp.weight_decay != 0
+    raw = ext.adamw_pass1(*xgdv, c1s, isc2, grp.beta2, grp.eps, grp.lam, with_x)
+    raw = raw.to(c1.dtype)[:, :5 if with_x else 3]
+    return _rows_to_layers(_adamw_rows(raw, grp), grp, idx, ctx.n_layers), (xgdv, c1s, isc2)
+
+
+def _adamw_apply_cpp(grp: AdamWGroup, idx: list[int], scratch, ctx: _Ctx, beta: Tensor, skip):
+    xgdv, c1s, isc2 = scratch
+    _cpu_ext.load().adamw_pass2(*xgdv, c1s, _host_scalars(beta, grp.layers, idx), isc2, grp.beta2, grp.eps,
+                                grp.lam, grp.lr, grp.weight_decay, skip)
+
+
+def _adamw_stats_triton(grp: AdamWGroup, idx: list[int], ctx: _Ctx):
+    """Pass 1 and the per-layer reduction: two launches for the whole bucket (``[L, 5]`` out)."""
+    c1 = ctx.c1
+    lists = [[lst[i] for i in idx] for lst in (grp.params, grp.grads, grp.exp_avgs, grp.exp_avg_sqs, grp.steps)]
+    sums, meta = _triton.adamw_stats(*lists, [grp.layers[i] for i in idx], [grp.weights[i] for i in idx],
+                                     ctx.n_layers, c1, beta2=grp.beta2, eps=grp.eps, lam=grp.lam,
+                                     with_x=grp.weight_decay != 0)
+    sums = sums.to(c1.dtype)
+    return torch.cat([_adamw_rows(sums[:, :-1], grp), sums[:, -1:]], 1), meta
+
+
+def _adamw_apply_triton(grp: AdamWGroup, idx: list[int], meta, ctx: _Ctx, beta: Tensor, skip):
+    _triton.adamw_apply(meta, grp.params[idx[0]].dtype, ctx.c1, beta, skip, beta2=grp.beta2, eps=grp.eps,
+                        lam=grp.lam, lr=grp.lr, wd=grp.weight_decay)
+
+
+#: AM-AdamW's kernel paths: ``{impl: (stats, apply)}`` (see the module docstring).
+ADAMW_KERNELS = {
+    "forloop": (_adamw_stats_forloop, _adamw_apply_forloop),
+    "foreach": (_adamw_stats_foreach, _adamw_apply_foreach),
+    "cpp": (_adamw_stats_cpp, _adamw_apply_cpp),
+    "compiled": (_adamw_stats_compiled, _adamw_apply_compiled),
+    "triton": (_adamw_stats_triton, _adamw_apply_triton),
+}
+
+
+#: The ``impl`` names ``am_adamw`` takes: its table's paths and ``"fused"`` (resolved per bucket).
+ADAMW_IMPLS = ("forloop", "foreach", "fused", "cpp", "compiled", "triton")
+assert set(ADAMW_IMPLS) == {"fused", *ADAMW_KERNELS}
+
+
 def _adamw_buckets(grp: AdamWGroup, impl: str) -> dict:
     """Resolved once per step (stats), reused by the apply phase."""
     if grp.buckets is None:
         grp.buckets = _buckets(len(grp.params), grp.params, grp.layers, impl,
-                               (grp.grads, grp.exp_avgs, grp.exp_avg_sqs))
+                               (grp.grads, grp.exp_avgs, grp.exp_avg_sqs), ADAMW_KERNELS)
     return grp.buckets
-
-
-def _adamw_stats(grp: AdamWGroup, c1: Tensor, n_layers: int, impl: str):
-    packed, scratch = None, {}
-    n = len(grp.params)
-    if not grp.weights:
-        grp.weights = [1.0] * n
-    for key, idx in _adamw_buckets(grp, impl).items():
-        if key[0] == "triton":
-            part, scratch[key] = _adamw_stats_triton(grp, idx, c1, n_layers)
-        elif key[0] == "cpp":
-            part, scratch[key] = _adamw_stats_cpp(grp, idx, c1, n_layers)
-        elif key[0] == "compiled":
-            part, scratch[key] = _adamw_stats_compiled(grp, idx, c1, n_layers)
-        elif key[0] == "foreach":
-            part, scratch[key] = _adamw_stats_foreach(grp, idx, c1, n_layers)
-        else:
-            parts, pv = [], []
-            isc2 = _isc2(grp, idx).to(c1.dtype) if idx else None
-            for k, i in enumerate(idx):
-                layer = grp.layers[i]
-                part_i, p, v_new = _adamw_stats_one(
-                    grp.params[i], grp.grads[i], grp.exp_avgs[i], grp.exp_avg_sqs[i],
-                    isc2=isc2[k], c1=at_layer(c1, layer), beta2=grp.beta2, eps=grp.eps, lam=grp.lam,
-                    wd=grp.weight_decay, coef_a=grp.lr_ratio * (1 + grp.weight_decay * grp.lr),
-                    layer=layer, n_layers=n_layers, weight=grp.weights[i],
-                )
-                parts.append(part_i)
-                pv.append((p, v_new))
-            part, scratch[key] = torch.stack(parts).sum(0), pv
-        packed = part if packed is None else packed + part.to(packed.device, packed.dtype)
-    return packed, scratch
-
-
-def _apply_buckets(buckets: dict, skip: Optional[Tensor]):
-    """The buckets whose apply phase runs: the Triton and C++ kernels honour the skip flag
-    themselves; the fallback paths run only if it is false, read on the host at most once."""
-    host_skip = None
-    for key, idx in buckets.items():
-        if key[0] not in ("triton", "cpp"):
-            if host_skip is None:
-                host_skip = _host_skip(skip)
-            if host_skip:
-                continue
-        yield key, idx
-
-
-def _adamw_apply(grp: AdamWGroup, scratch: dict, c1: Tensor, beta: Tensor, skip: Optional[Tensor], impl: str):
-    for key, idx in _apply_buckets(_adamw_buckets(grp, impl), skip):
-        if key[0] == "triton":
-            _adamw_apply_triton(grp, idx, scratch[key], c1, beta, skip)
-        elif key[0] == "cpp":
-            _adamw_apply_cpp(grp, idx, scratch[key], beta, skip)
-        elif key[0] == "compiled":
-            _adamw_apply_compiled(grp, idx, scratch[key], c1, beta)
-        elif key[0] == "foreach":
-            _adamw_apply_foreach(grp, idx, scratch[key], beta)
-        else:
-            for i, (p, v_new) in zip(idx, scratch[key]):
-                _adamw_apply_one(grp.params[i], grp.grads[i], grp.exp_avgs[i], grp.exp_avg_sqs[i], p, v_new,
-                                 at_layer(beta, grp.layers[i]), lr=grp.lr, wd=grp.weight_decay, lam=grp.lam)
 
 
 def am_adamw(
@@ -467,15 +503,20 @@ def am_adamw(
     caller increments them, skip-aware).
     """
     c1 = 1 - cfg.beta_max * state.pi  # [L] conservative bias correction (D.1)
+    ctx = _Ctx(state.pi.numel(), state.pi.dtype, state.pi.device, c1)
 
     def stats(grp):
-        return _adamw_stats(grp, c1, state.pi.numel(), impl)
+        if not grp.weights:
+            grp.weights = [1.0] * len(grp.params)
+        return _stats_of(ADAMW_KERNELS, grp, _adamw_buckets(grp, impl), ctx)
 
     def num_den(packed):
         return packed[:, 0] - packed[:, 1] - packed[:, 3], packed[:, 2]
 
-    return _run(groups, state, cfg, 4, stats, num_den, lambda g, s, b, sk: _adamw_apply(g, s, c1, b, sk, impl),
-                reduce, force_beta, found_inf, skip_nonfinite)
+    def apply(grp, scratch, beta, skip):
+        _apply_of(ADAMW_KERNELS, grp, _adamw_buckets(grp, impl), scratch, ctx, beta, skip)
+
+    return _run(groups, state, cfg, 4, stats, num_den, apply, reduce, force_beta, found_inf, skip_nonfinite)
 
 
 def _run(groups, state, cfg, k, stats, num_den, apply, reduce, force_beta, found_inf, skip_nonfinite):
@@ -500,11 +541,17 @@ def _run(groups, state, cfg, k, stats, num_den, apply, reduce, force_beta, found
 
 
 # ----------------------------------------------------------------------------- AM-SGD
+# The same (stats, apply) pairs in SGD_KERNELS, over the tensors that already have a buffer
+# (a tensor's first step, d ← g, is written by ``_sgd_apply`` itself); [L, 4] sums A, B, C, count.
 
 
 def _sgd_grad(x: Tensor, g: Tensor, wd: float) -> Tensor:
     """Coupled weight decay as torch.optim.SGD: g ← g + μ x (never mutates p.grad)."""
     return g.add(x, alpha=wd) if wd != 0 else g
+
+
+def _sgd_coef_a(grp: SGDGroup) -> float:
+    return (grp.lam + 1) * grp.lr_ratio
 
 
 def _sgd_stats_one(x, g, d, *, lam, coef_a, wd, layer, n_layers, weight):
@@ -525,69 +572,117 @@ def _sgd_apply_one(x, g, d, beta, *, lam, lr, wd):
     x.copy_(X - lr * d_new)
 
 
+def _sgd_rows(raw: Tensor, grp: SGDGroup) -> Tensor:
+    """``[n, 3]`` raw sums (Σ G·d, Σ δ·G, Σ δ·δ, with G = g + μx) -> ``[n, 3]`` = A, B, C:
+    Σ δ·(G + λd) = Σ δG + λ(Σ δδ + Σ δG) since d = δ + G (δ kept explicit: Σ dd - 2Σ Gd + Σ GG
+    would cancel catastrophically when d ≈ G)."""
+    return torch.stack([_sgd_coef_a(grp) * raw[:, 0], raw[:, 1] + grp.lam * (raw[:, 2] + raw[:, 1]), raw[:, 2]], 1)
+
+
+def _sgd_stats_forloop(grp: SGDGroup, idx: list[int], ctx: _Ctx):
+    part = sum(_sgd_stats_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i], lam=grp.lam,
+                              coef_a=_sgd_coef_a(grp), wd=grp.weight_decay, layer=grp.layers[i],
+                              n_layers=ctx.n_layers, weight=grp.weights[i]) for i in idx)
+    return part, None
+
+
+def _sgd_apply_forloop(grp: SGDGroup, idx: list[int], scratch, ctx: _Ctx, beta: Tensor, skip):
+    for i in idx:
+        _sgd_apply_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i], at_layer(beta, grp.layers[i]),
+                       lam=grp.lam, lr=grp.lr, wd=grp.weight_decay)
+
+
+def _sgd_stats_foreach(grp: SGDGroup, idx: list[int], ctx: _Ctx):
+    X = [_up(grp.params[i]) for i in idx]
+    G = [_sgd_grad(X[k], _up(grp.grads[i]), grp.weight_decay) for k, i in enumerate(idx)]
+    Dm = [_up(grp.momentum_buffers[i]) for i in idx]
+    Delta = torch._foreach_sub(Dm, G)
+    raw = torch.stack([torch.stack([_dot(G[k], Dm[k]), _dot(Delta[k], G[k]), _dot(Delta[k], Delta[k])])
+                       for k in range(len(idx))])
+    return _rows_to_layers(_sgd_rows(raw, grp), grp, idx, ctx.n_layers), (X, Dm, Delta)
+
+
+def _sgd_apply_foreach(grp: SGDGroup, idx: list[int], scratch, ctx: _Ctx, beta: Tensor, skip):
+    X, Dm, Delta = scratch
+    # d ← ((β+λ)d + (1-β)g)/(1+λ) = d - (1-β)/(1+λ) δ
+    torch._foreach_mul_(Delta, [(beta[grp.layers[i]] - 1) / (1 + grp.lam) for i in idx])
+    torch._foreach_add_(Dm, Delta)
+    torch._foreach_add_(X, Dm, alpha=-grp.lr)
+    for k, i in enumerate(idx):
+        _writeback(grp.momentum_buffers[i], Dm[k])
+        _writeback(grp.params[i], X[k])
+
+
+def _sgd_stats_cpp(grp: SGDGroup, idx: list[int], ctx: _Ctx):
+    """Pass 1 of the C++ kernels; the bucket's tensor lists go into the scratch for pass 2."""
+    xgd = [[lst[i] for i in idx] for lst in (grp.params, grp.grads, grp.momentum_buffers)]
+    raw = _cpu_ext.load().sgd_pass1(*xgd, grp.weight_decay).to(ctx.dtype)
+    return _rows_to_layers(_sgd_rows(raw, grp), grp, idx, ctx.n_layers), xgd
+
+
+def _sgd_apply_cpp(grp: SGDGroup, idx: list[int], xgd, ctx: _Ctx, beta: Tensor, skip):
+    """d ← d + (β-1)/(1+λ) δ, x ← x - η d (G = g + μx recomputed)."""
+    coef = [(b - 1) / (1 + grp.lam) for b in _host_scalars(beta, grp.layers, idx)]
+    _cpu_ext.load().sgd_pass2(*xgd, coef, grp.lr, grp.weight_decay, skip)
+
+
+def _sgd_stats_triton(grp: SGDGroup, idx: list[int], ctx: _Ctx):
+    """Pass 1 and the per-layer reduction: two launches."""
+    xgd = [[lst[i] for i in idx] for lst in (grp.params, grp.grads, grp.momentum_buffers)]
+    sums, meta = _triton.sgd_stats(*xgd, [grp.layers[i] for i in idx], [grp.weights[i] for i in idx],
+                                   ctx.n_layers, wd=grp.weight_decay)
+    sums = sums.to(ctx.dtype)
+    return torch.cat([_sgd_rows(sums[:, :-1], grp), sums[:, -1:]], 1), meta
+
+
+def _sgd_apply_triton(grp: SGDGroup, idx: list[int], meta, ctx: _Ctx, beta: Tensor, skip):
+    _triton.sgd_apply(meta, grp.params[idx[0]].dtype, beta, skip, lam=grp.lam, lr=grp.lr, wd=grp.weight_decay)
+
+
+#: AM-SGD's kernel paths: ``{impl: (stats, apply)}`` (no compiled kernels).
+SGD_KERNELS = {
+    "forloop": (_sgd_stats_forloop, _sgd_apply_forloop),
+    "foreach": (_sgd_stats_foreach, _sgd_apply_foreach),
+    "cpp": (_sgd_stats_cpp, _sgd_apply_cpp),
+    "triton": (_sgd_stats_triton, _sgd_apply_triton),
+}
+
+
+#: The ``impl`` names ``am_sgd`` takes.
+SGD_IMPLS = ("forloop", "foreach", "fused", "cpp", "triton")
+assert set(SGD_IMPLS) == {"fused", *SGD_KERNELS}
+
+
 def _sgd_buckets(grp: SGDGroup, have: list[int], impl: str) -> dict:
     """Buckets over the tensors that have a buffer (indices into the group's lists)."""
     sub = lambda lst: [lst[i] for i in have]  # noqa: E731
     buckets = _buckets(len(have), sub(grp.params), sub(grp.layers), impl,
-                       (sub(grp.grads), sub(grp.momentum_buffers)), compiled=False)
+                       (sub(grp.grads), sub(grp.momentum_buffers)), SGD_KERNELS)
     return {key: [have[j] for j in idx] for key, idx in buckets.items()}
 
 
-def _sgd_rows(raw: Tensor, grp: SGDGroup, coef_a: float) -> Tensor:
-    """``[n, 3]`` raw sums (Σ G·d, Σ δ·G, Σ δ·δ, with G = g + μx) -> ``[n, 3]`` = A, B, C:
-    Σ δ·(G + λd) = Σ δG + λ(Σ δδ + Σ δG) since d = δ + G (δ kept explicit: Σ dd - 2Σ Gd + Σ GG
-    would cancel catastrophically when d ≈ G)."""
-    return torch.stack([coef_a * raw[:, 0], raw[:, 1] + grp.lam * (raw[:, 2] + raw[:, 1]), raw[:, 2]], 1)
-
-
-def _sgd_stats(grp: SGDGroup, n_layers: int, impl: str, dtype, device):
+def _sgd_stats(grp: SGDGroup, impl: str, ctx: _Ctx):
     """Partial sums over tensors that already have a buffer (new ones take d ← g)."""
     n = len(grp.params)
     if not grp.weights:
         grp.weights = [1.0] * n
     have = [i for i in range(n) if grp.momentum_buffers[i] is not None]
-    coef_a = (grp.lam + 1) * grp.lr_ratio
-    packed = torch.zeros(n_layers, 4, dtype=dtype, device=device)
+    packed = torch.zeros(ctx.n_layers, 4, dtype=ctx.dtype, device=ctx.device)
     for i in range(n):  # a tensor's first step adds no sums, but its layer is present
         if grp.momentum_buffers[i] is None:
             layer = grp.layers[i]
             if isinstance(layer, Tensor):
-                packed[:, -1] += torch.bincount(layer, minlength=n_layers + 1)[:n_layers].to(device, dtype)
+                counts = torch.bincount(layer, minlength=ctx.n_layers + 1)[:ctx.n_layers]
+                packed[:, -1] += counts.to(ctx.device, ctx.dtype)
             else:
                 packed[layer, -1] += grp.params[i].numel()
-    scratch = {}
-    for key, idx in _sgd_buckets(grp, have, impl).items():
-        if key[0] == "triton":  # pass 1 and the per-layer reduction: two launches
-            xgd = [[lst[i] for i in idx] for lst in (grp.params, grp.grads, grp.momentum_buffers)]
-            sums, scratch[key] = _triton.sgd_stats(*xgd, [grp.layers[i] for i in idx],
-                                                   [grp.weights[i] for i in idx], n_layers, wd=grp.weight_decay)
-            sums = sums.to(dtype)
-            part = torch.cat([_sgd_rows(sums[:, :-1], grp, coef_a), sums[:, -1:]], 1)
-        elif key[0] == "cpp":  # the bucket's tensor lists go into the scratch for pass 2
-            xgd = [[lst[i] for i in idx] for lst in (grp.params, grp.grads, grp.momentum_buffers)]
-            raw = _cpu_ext.load().sgd_pass1(*xgd, grp.weight_decay).to(dtype)
-            part = _rows_to_layers(_sgd_rows(raw, grp, coef_a), grp, idx, n_layers)
-            scratch[key] = xgd
-        elif key[0] == "foreach":
-            X = [_up(grp.params[i]) for i in idx]
-            G = [_sgd_grad(X[k], _up(grp.grads[i]), grp.weight_decay) for k, i in enumerate(idx)]
-            Dm = [_up(grp.momentum_buffers[i]) for i in idx]
-            Delta = torch._foreach_sub(Dm, G)
-            raw = torch.stack([torch.stack([_dot(G[k], Dm[k]), _dot(Delta[k], G[k]), _dot(Delta[k], Delta[k])])
-                               for k in range(len(idx))])
-            part = _rows_to_layers(_sgd_rows(raw, grp, coef_a), grp, idx, n_layers)
-            scratch[key] = (X, Dm, Delta)
-        else:
-            part = sum(_sgd_stats_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i], lam=grp.lam,
-                                      coef_a=coef_a, wd=grp.weight_decay, layer=grp.layers[i],
-                                      n_layers=n_layers, weight=grp.weights[i]) for i in idx)
-            scratch[key] = None
-        packed = packed + part.to(device, dtype)
-    return packed, (have, scratch)
+    buckets = _sgd_buckets(grp, have, impl)
+    packed, scratch = _stats_of(SGD_KERNELS, grp, buckets, ctx, packed)
+    return packed, (buckets, scratch)
 
 
-def _sgd_apply(grp: SGDGroup, sc, beta: Tensor, skip: Optional[Tensor], impl: str):
-    have, scratch = sc
+def _sgd_apply(grp: SGDGroup, sc, ctx: _Ctx, beta: Tensor, skip: Optional[Tensor]):
+    buckets, scratch = sc
     first = [i for i in range(len(grp.params)) if grp.momentum_buffers[i] is None]
     if first and _host_skip(skip):  # a host read, but only on the first step of some tensor
         first = []
@@ -596,26 +691,7 @@ def _sgd_apply(grp: SGDGroup, sc, beta: Tensor, skip: Optional[Tensor], impl: st
         d = _sgd_grad(_up(x), _up(grp.grads[i]), grp.weight_decay).clone()
         x.copy_(_up(x) - grp.lr * d)
         grp.momentum_buffers[i] = d.to(x.dtype)
-    for key, idx in _apply_buckets(_sgd_buckets(grp, have, impl), skip):
-        if key[0] == "triton":
-            _triton.sgd_apply(scratch[key], grp.params[idx[0]].dtype, beta, skip, lam=grp.lam, lr=grp.lr,
-                              wd=grp.weight_decay)
-        elif key[0] == "cpp":  # d ← d + (β-1)/(1+λ) δ, x ← x - η d (G = g + μx recomputed)
-            coef = [(b - 1) / (1 + grp.lam) for b in _host_scalars(beta, grp.layers, idx)]
-            _cpu_ext.load().sgd_pass2(*scratch[key], coef, grp.lr, grp.weight_decay, skip)
-        elif key[0] == "foreach":
-            X, Dm, Delta = scratch[key]
-            # d ← ((β+λ)d + (1-β)g)/(1+λ) = d - (1-β)/(1+λ) δ
-            torch._foreach_mul_(Delta, [(beta[grp.layers[i]] - 1) / (1 + grp.lam) for i in idx])
-            torch._foreach_add_(Dm, Delta)
-            torch._foreach_add_(X, Dm, alpha=-grp.lr)
-            for k, i in enumerate(idx):
-                _writeback(grp.momentum_buffers[i], Dm[k])
-                _writeback(grp.params[i], X[k])
-        else:
-            for i in idx:
-                _sgd_apply_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i], at_layer(beta, grp.layers[i]),
-                               lam=grp.lam, lr=grp.lr, wd=grp.weight_decay)
+    _apply_of(SGD_KERNELS, grp, buckets, scratch, ctx, beta, skip)
 
 
 def am_sgd(
@@ -634,10 +710,10 @@ def am_sgd(
     Returns the new β state, the packed sums ``[L, 4]`` = [A, B, C, count] and the skip
     flag (as ``am_adamw``; a skipped step creates no buffer).
     """
-    L, dt, dev = state.pi.numel(), state.pi.dtype, state.pi.device
+    ctx = _Ctx(state.pi.numel(), state.pi.dtype, state.pi.device)
 
     def num_den(packed):
         return packed[:, 0] - packed[:, 1], packed[:, 2]
 
-    return _run(groups, state, cfg, 3, lambda g: _sgd_stats(g, L, impl, dt, dev), num_den,
-                lambda g, s, b, sk: _sgd_apply(g, s, b, sk, impl), reduce, force_beta, found_inf, skip_nonfinite)
+    return _run(groups, state, cfg, 3, lambda g: _sgd_stats(g, impl, ctx), num_den,
+                lambda g, s, b, sk: _sgd_apply(g, s, ctx, b, sk), reduce, force_beta, found_inf, skip_nonfinite)

@@ -168,7 +168,7 @@ class ZeroAMAdapter(torch.optim.Optimizer):
                          "params": [t for s, t, _, _ in self._pieces if s.group == i]} for i, g in enumerate(self._groups)]
         self.am = type(self.template)(inner_groups, reducer=_reduce_group(view.dp_groups[0], shards),
                                       **self.template.defaults)
-        self.am._impl = self.template._impl  # the kernel path chosen for the template (optim.impl)
+        self.am.impl = self.template.impl  # the kernel path chosen for the template (optim.impl)
         if self.template.defaults.get("per_layer", False):
             self.am.set_layer_map({t: layer for _, t, _, layer in self._pieces}, n_layers)
         self.zero_padding()
