@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     total_steps = cfg.total_steps()
 
     # ---- processes, devices, data: rank 0 tokenizes (once, cached), every rank memory-maps its batches ------
-    info = D.init_distributed(cfg.train.device, deepspeed=cfg.parallel.backend == "deepspeed")
+    info = D.init_distributed(cfg.train.device, cfg.parallel.backend == "deepspeed", cfg.parallel.dist_backend)
     device = set_numerics(cfg, info.device)  # threads, TF32
     backend = make_backend(cfg, info)  # ddp (also 1 process) | fsdp2 | deepspeed: amllm/parallel/
     autocast = backend.autocast()

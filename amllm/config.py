@@ -305,10 +305,14 @@ class ParallelConfig:
     backward)? default (torchtitan's: yes for every block but the last, whose backward follows at once) |
     always | never (keeps whole parameters from forward to backward: less communication, ZeRO-2's
     memory)."""
+    dist_backend: str = "auto"
+    """The process group's backend: auto (NCCL on CUDA, gloo on CPU) | nccl | gloo. gloo on CUDA lets
+    several ranks share one GPU (DDP only; slow: for tests on a one-GPU machine)."""
 
     def __post_init__(self) -> None:
         _one_of("parallel.backend", self.backend, ("ddp", "fsdp2", "deepspeed"))
         _one_of("parallel.reshard_after_forward", self.reshard_after_forward, ("default", "always", "never"))
+        _one_of("parallel.dist_backend", self.dist_backend, ("auto", "nccl", "gloo"))
         if self.backend == "deepspeed":
             _check(bool(self.deepspeed_config),
                    "parallel.backend=deepspeed needs parallel.deepspeed_config=configs/deepspeed/<file>.json")

@@ -2,7 +2,9 @@
 
 The launch is always a standard launcher: a plain `python train.py` (one process), `torchrun`
 (single- or multi-node; it sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT) or
-`deepspeed` (same variables). NCCL on CUDA, gloo on CPU.
+`deepspeed` (same variables). NCCL on CUDA, gloo on CPU (``parallel.dist_backend`` overrides:
+gloo over CUDA tensors lets several ranks share one GPU, which NCCL refuses -- for tests on a
+one-GPU machine, not for speed).
 """
 
 from __future__ import annotations
@@ -35,16 +37,36 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(pref: str, local_rank: int) -> torch.device:
+def pick_device(pref: str, local_rank: int, dist_backend: str = "auto") -> torch.device:
+    """This rank's device: ``cuda:<LOCAL_RANK>`` when CUDA is used. Over gloo, ranks beyond the
+    visible GPUs share them round-robin (NCCL refuses two ranks on one GPU, so it stays an error)."""
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            if dist_backend != "gloo":
+                raise ConfigError(f"LOCAL_RANK={local_rank} but this host shows {count} CUDA device(s); launch at most "
+                                  f"{count} process(es) per host (--nproc_per_node), or set parallel.dist_backend=gloo "
+                                  f"to let ranks share a GPU (tests only: slow)")
+            local_rank %= count
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def init_distributed(device_pref: str = "auto", timeout_s: int = 1800, deepspeed: bool = False) -> DistInfo:
+def _backend_name(dist_backend: str, device: torch.device) -> str:
+    """parallel.dist_backend resolved: auto is NCCL on CUDA, gloo on CPU."""
+    if dist_backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if dist_backend == "nccl" and device.type != "cuda":
+        raise ConfigError(f"parallel.dist_backend=nccl needs CUDA devices, but this run is on {device.type}; "
+                          f"use parallel.dist_backend=auto or gloo")
+    return dist_backend
+
+
+def init_distributed(device_pref: str = "auto", deepspeed: bool = False, dist_backend: str = "auto",
+                     timeout_s: int = 1800) -> DistInfo:
     """Join the process group the launcher described (or none for a plain process).
 
     deepspeed: join through `deepspeed.init_distributed` (its communication layer wraps the same
@@ -53,7 +75,8 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 1800, deepspeed
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_pref, local_rank)
+    device = pick_device(device_pref, local_rank, dist_backend)
+    backend = _backend_name(dist_backend, device)
     if deepspeed and not dist.is_initialized():
         try:
             import deepspeed as ds
@@ -64,13 +87,13 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 1800, deepspeed
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
-        ds.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+        ds.init_distributed(dist_backend=backend,
                             timeout=datetime.timedelta(seconds=timeout_s))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         store = _restart_store(rank, world, timeout)
-        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+        dist.init_process_group(backend=backend, timeout=timeout,
+                                device_id=device if backend == "nccl" else None,  # eager NCCL init only
                                 **({"store": store, "rank": rank, "world_size": world} if store else {}))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 

@@ -42,6 +42,7 @@ def test_recipe_base_inheritance_and_round_trip(tmp_path):
     (["optim.name=adamw", "optim.per_layer=true"], r"optim.per_layer applies to am_adamw/am_sgd only"),
     (["data.source=c4_local"], r"data.source=c4_local needs data.path=DIR"),
     (["parallel.backend=deepspeed"], r"needs parallel.deepspeed_config="),
+    (["parallel.dist_backend=mpi"], r"parallel.dist_backend='mpi' is not valid; choose one of auto, nccl, gloo"),
     (["optim.lr"], r"override 'optim.lr' must look like section.key=value"),
     (["train.max_tokens=100"], r"train.max_tokens=100 is less than one batch"),
 ])

@@ -83,3 +83,23 @@ def test_cuda_requested_without_cuda_is_one_config_error():
 
     with pytest.raises(ConfigError, match=r"train.device=cuda but no CUDA device is visible"):
         pick_device("cuda", 0)
+
+
+def test_ranks_share_a_gpu_only_over_gloo(monkeypatch):
+    """Two ranks on a one-GPU machine: NCCL refuses two ranks per GPU, so without
+    parallel.dist_backend=gloo it is one error saying what to do; with it, rank 1 shares cuda:0."""
+    from amllm.distributed import _backend_name, pick_device
+
+    picked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", picked.append)
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=1 but this host shows 1 CUDA device.*dist_backend=gloo"):
+        pick_device("cuda", 1)
+    assert pick_device("auto", 1, "gloo") == torch.device("cuda", 0) and picked == [0]
+    assert pick_device("cuda", 0) == torch.device("cuda", 0)
+    assert _backend_name("auto", torch.device("cuda", 0)) == "nccl"
+    assert _backend_name("gloo", torch.device("cuda", 0)) == "gloo"
+    assert _backend_name("auto", torch.device("cpu")) == "gloo"
+    with pytest.raises(ConfigError, match="parallel.dist_backend=nccl needs CUDA"):
+        _backend_name("nccl", torch.device("cpu"))
