@@ -1,10 +1,13 @@
 """The one table of tools/gpu_check.sh, from its parts.tsv, logs and run directories.
 
-    python tools/gpu_check_table.py runs/gpu_check [--mode gpu|cpu|dry] [--out FILE.md]
+    python tools/gpu_check_table.py runs/gpu_check [--mode gpu|cpu|dry] [--out FILE.md] [--readme README.md]
     python tools/gpu_check_table.py --validate runs/gpu_check   # (dry run) every train.py line parses
+    python tools/gpu_check_table.py --same-loss RUN RUN_REF [--after-step N | --val-only] --rtol R
 
-parts.tsv: one line per part, ``name <TAB> status <TAB> seconds <TAB> command or note``; status is the
-exit code, ``timeout@Ns``, ``na`` (an interface not in this checkout), ``skipped`` or ``dry``.
+parts.tsv: one line per part, ``name <TAB> status <TAB> seconds <TAB> budget <TAB> command or note``;
+status is the exit code, ``timeout@Ns``, ``na`` (an interface not in this checkout), ``skipped`` or ``dry``.
+The exit status is 0 only when every part passed (``dry``: when every command validated), so
+``gpu_check.sh`` fails on any failed, cut, skipped or missing part.
 """
 from __future__ import annotations
 
@@ -25,17 +28,31 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
 WHAT = {
     "install": "install the carried wheels (.whl/)",
     "prepare": "tokenize the embedded corpus (mistral-v1)",
-    "optim_tests": "optimizer tests vs float64 oracle (all paths, fp32+bf16)",
-    "perf60m": "LLaMA-60M bf16 compiled: tokens/s, TFLOP/s, MFU, peak mem",
-    "sync_debug": "sync debug mode 'error' on unlogged steps",
+    "optim_cuda": "optimizer CUDA (Triton) cases vs the float64 oracle",
+    "perf60m": "LLaMA-60M bf16 compiled, with eval: tokens/s, TFLOP/s, MFU, peak mem",
+    "smoke_ddp": "train.py, DDP path (1 process), bf16, eager",
+    "sync_ddp_compile": "sync debug 'error', DDP path, compiled",
+    "sync_fsdp2": "sync debug 'error', FSDP2 (torchrun, 1 process)",
+    "sync_zero2": "sync debug 'error', DeepSpeed ZeRO-2 (its own syncs counted)",
+    "sync_zero3": "sync debug 'error', DeepSpeed ZeRO-3 (its own syncs counted)",
+    "smoke_zero2_offload": "train.py, DeepSpeed ZeRO-2 + CPU offload",
+    "ddp_2ranks_gloo": "2 ranks on one GPU over gloo (DDP)",
+    "resume_zero2_to_4": "ZeRO-2 run stopped at step 4 (exit 75)",
+    "resume_fsdp2_to_8": "... resumed by FSDP2 to step 8",
+    "straight_fsdp2": "FSDP2 uninterrupted to step 8",
+    "resume_matches": "resumed losses (steps 5-8) vs uninterrupted, rtol 1e-3",
+    "default_fp32": "default job, fp32",
+    "default_bf16_pure": "default job, train.precision=bf16_pure",
+    "bf16_pure_matches": "bf16_pure final val loss within 1% of fp32",
 }
 
 
 def read_parts(w: Path) -> list[dict]:
     parts = []
     for line in (w / "parts.tsv").read_text().splitlines():
-        name, status, secs, note = (line.split("\t", 3) + [""] * 4)[:4]
-        parts.append({"name": name, "status": status, "secs": int(secs or 0), "note": note})
+        name, status, secs, budget, note = (line.split("\t", 4) + [""] * 5)[:5]
+        parts.append({"name": name, "status": status, "secs": int(secs or 0), "budget": int(budget or 0),
+                      "note": note})
     return parts
 
 
@@ -173,8 +190,12 @@ def figures(part: dict, w: Path) -> str:
         return perf_figures(w / "perf60m", w / "logs" / "perf60m.mem")
     if name.startswith("study_"):
         return study_figures(w / name)
-    if name.startswith("smoke_") or name == "sync_debug":
-        return train_figures(w / name.removeprefix("smoke_"))
+    if name.endswith("_matches"):
+        return text.strip().splitlines()[-1][:200] if text.strip() else ""
+    if name.startswith(("smoke_", "sync_", "default_", "straight_", "ddp_")):
+        return train_figures(w / name)
+    if name.startswith("resume_"):
+        return train_figures(w / "resume")
     if name == "prepare":
         m = re.search(r"train ([\d,]+) tokens.*val ([\d,]+) tokens", text)
         return f"train {m.group(1)} / val {m.group(2)} tokens" if m else ""
@@ -200,12 +221,57 @@ def row(part: dict, w: Path) -> tuple[str, str, str]:
 
 def table(w: Path, mode: str, total_s: int) -> str:
     head = {"gpu": "GPU", "cpu": "CPU (--cpu: tiny sizes, not GPU figures)", "dry": "dry run (nothing executed)"}[mode]
-    lines = [f"### tools/gpu_check.sh — {head}, {total_s} s", "", "| part | result | figures | time |",
-             "| --- | --- | --- | --- |"]
+    device = _device_name() if mode == "gpu" else ""
+    lines = [f"### tools/gpu_check.sh — {head}{', ' + device if device else ''}, {total_s} s", "",
+             "| part | result | figures | time / budget |", "| --- | --- | --- | --- |"]
     for part in read_parts(w):
         result, fig, secs = row(part, w)
-        lines.append(f"| {describe_what(part['name'])} | {result} | {fig.replace('|', '/')} | {secs} |")
+        lines.append(f"| {describe_what(part['name'])} | {result} | {fig.replace('|', '/')} | {secs} / {part['budget']} s |")
     return "\n".join(lines) + "\n"
+
+
+def _device_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    except Exception:
+        return ""
+
+
+def passed(w: Path, mode: str) -> bool:
+    """Every part ok (a dry run: every part printed); n/a, skipped, cut and failed parts all fail."""
+    parts = read_parts(w)
+    return bool(parts) and all(p["status"] == ("dry" if mode == "dry" else "0") for p in parts)
+
+
+def same_loss(run: Path, ref: Path, rtol: float, after_step: int = 0, val_only: bool = False) -> tuple[bool, str]:
+    """Does ``run`` reach the losses of ``ref``? Train losses of the steps after ``after_step`` that
+    both logged (unless ``val_only``) and the final validation loss, each within ``rtol``."""
+    pairs = []
+    if not val_only:
+        mine = {r["step"]: r["loss"] for r in records(run) if r["step"] > after_step}
+        theirs = {r["step"]: r["loss"] for r in records(ref) if r["step"] > after_step}
+        pairs += [(f"step {k} loss", mine[k], theirs[k]) for k in sorted(mine.keys() & theirs.keys())]
+    ev, ev_ref = records(run, "eval"), records(ref, "eval")
+    if ev and ev_ref:
+        pairs.append(("final val loss", ev[-1]["val_loss"], ev_ref[-1]["val_loss"]))
+    if not pairs:
+        return False, f"nothing to compare: no common logged steps after {after_step} or final evals in {run} and {ref}"
+    name, a, b = max(pairs, key=lambda t: abs(t[1] - t[2]) / abs(t[2]))
+    rel = abs(a - b) / abs(b)
+    verdict = "within" if rel <= rtol else "OUTSIDE"
+    return rel <= rtol, f"{len(pairs)} compared, worst {name}: {a:.5f} vs {b:.5f} ({rel:.2e}, {verdict} rtol {rtol:g})"
+
+
+def put_in_readme(readme: Path, text: str) -> None:
+    """Replace what sits between the README's gpu-status markers with ``text``."""
+    start, end = "<!-- gpu-status:start -->", "<!-- gpu-status:end -->"
+    doc = readme.read_text()
+    if start not in doc or end not in doc:
+        raise SystemExit(f"error: {readme} has no {start} ... {end} markers under '## GPU status'; add them")
+    head, rest = doc.split(start, 1)
+    readme.write_text(head + start + "\n" + text + rest[rest.index(end):])
 
 
 def study_steps(w: Path, budget_s: float, max_steps: int, runs: int = 4, batch: int = 1024, seq: int = 256) -> int:
@@ -251,14 +317,26 @@ def validate(w: Path) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("workdir", type=Path)
+    ap.add_argument("workdir", type=Path, nargs="?")
     ap.add_argument("--mode", default="gpu", choices=["gpu", "cpu", "dry"])
     ap.add_argument("--total-s", type=int, default=0)
     ap.add_argument("--out", type=Path, help="also write the table here (Markdown)")
     ap.add_argument("--validate", action="store_true", help="check the dry run's train.py command lines")
+    ap.add_argument("--readme", type=Path, help="also put the table under this README's GPU status markers")
+    ap.add_argument("--same-loss", nargs=2, type=Path, metavar=("RUN", "REF"),
+                    help="exit 0 when RUN's losses match REF's within --rtol (see same_loss)")
+    ap.add_argument("--rtol", type=float, default=1e-3)
+    ap.add_argument("--after-step", type=int, default=0)
+    ap.add_argument("--val-only", action="store_true")
     ap.add_argument("--study-steps", nargs=2, type=int, metavar=("BUDGET_S", "MAX_STEPS"),
                     help="print the warmup study's steps that fit BUDGET_S (from the LLaMA-60M speed)")
     args = ap.parse_args(argv)
+    if args.same_loss:
+        ok, line = same_loss(*args.same_loss, args.rtol, args.after_step, args.val_only)
+        print(line)
+        return 0 if ok else 1
+    if args.workdir is None:
+        ap.error("give the gpu_check work directory (runs/gpu_check)")
     if args.study_steps:
         print(study_steps(args.workdir, *args.study_steps))
         return 0
@@ -270,11 +348,17 @@ def main(argv=None) -> int:
     if args.mode == "dry":  # the commands in full, above the table
         print("".join(f"{p['name']}: {p['note'].strip()}\n" for p in read_parts(args.workdir) if p["status"] == "dry"))
     text = table(args.workdir, args.mode, args.total_s)
+    ok = passed(args.workdir, args.mode)
+    verdict = {True: "Every command printed and validated; nothing ran." if args.mode == "dry" else "All parts passed.",
+               False: "NOT ACCEPTED: a part above failed, was cut, skipped or missing."}[ok]
+    text += "\n" + verdict + "\n"
     print(text, end="")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-    return 0
+    if args.readme:
+        put_in_readme(args.readme, text)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
