@@ -75,8 +75,6 @@ class Checkpointer:
         compatibility: another model, tokenizer, optimizer or data is refused with what differs
         (checkpoint.allow_changes accepts the last two). Auto skips a damaged latest with a warning;
         when every checkpoint is damaged it stops with the choices (never a silent fresh start)."""
-        from .config import ConfigError
-        from . import distributed as D
 
         resume = self.cfg.checkpoint.resume
         if resume == "never":

@@ -201,7 +201,7 @@ class TrainConfig:
     """none | full (recompute every transformer block in the backward, keep only its input) | selective
     (every ac_every-th block). Costs one more forward of the checkpointed blocks (~+33% of their compute);
     off by default because the paper's models (<= 1B) at their per-GPU micro-batches fit on 40-80 GB
-    GPUs without it (python tools/bench_memory.py estimates yours); turn it on to raise the micro-batch."""
+    GPUs without it (python -m tools.bench_memory estimates yours); turn it on to raise the micro-batch."""
     ac_every: int = 2
     """activation_checkpointing=selective: checkpoint blocks 0, k, 2k, ... (k = ac_every >= 1)."""
     tf32: bool = True

@@ -20,18 +20,21 @@ On a CPU-only run the two copy classes cannot occur (there is one device); a tes
 DeepSpeed's own syncs (frames inside the ``deepspeed`` package: ``torch.cuda.synchronize`` every step with
 ``overlap_comm``, event synchronisations and ``.item()`` under CPU offload) are outside our control: they
 are not refused but counted in :data:`DEEPSPEED_SYNCS` (class and place), which the run reports at its
-end (docs/parallel.md lists them per DeepSpeed config; tools/bench_ds_syncs.py measures their cost).
+end (docs/parallel.md lists them per DeepSpeed config; python -m tools.bench_ds_syncs measures them).
 
 :func:`no_host_reads` is what ``train.sync_debug=true`` wraps around a training step that neither logs,
 evaluates, saves nor checks its flags: on CUDA torch's own sync debug mode (the real thing: "error", or
 "warn" with every warning from outside DeepSpeed turned into an error when DeepSpeed is in use), elsewhere
-a strict :class:`HostReads`.
+a strict :class:`HostReads`. With ``AMLLM_SYNC_DEBUG=count`` in the environment nothing is refused: our
+syncs are counted in :data:`OUR_SYNCS` beside DeepSpeed's and both are reported at the end of the run
+(tools/bench_ds_syncs.py uses it on the CPU, where the C++ kernels' reads of CPU tensors are no syncs).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import sys
 import traceback
 import warnings
@@ -67,6 +70,12 @@ def host_side():
 
 #: DeepSpeed's own syncs seen in quiet steps, by "class at place" (not refused; reported at the end of a run)
 DEEPSPEED_SYNCS: collections.Counter = collections.Counter()
+#: ours, by "class at place", under AMLLM_SYNC_DEBUG=count (else the first one raises)
+OUR_SYNCS: collections.Counter = collections.Counter()
+
+
+def _counting_only() -> bool:
+    return os.environ.get("AMLLM_SYNC_DEBUG", "error") == "count"
 
 
 def _frames():
@@ -148,6 +157,9 @@ class HostReads(TorchDispatchMode):
             return
         self.count += 1
         self.where.append(f"{what} at {where}")
+        if self.strict and _counting_only():
+            OUR_SYNCS[f"{what} at {where}"] += 1
+            return
         if self.strict:
             raise HostReadError(f"host sync in a step that must have none: {self.where[-1]} "
                                 f"(train.sync_debug=true; see docs/parallel.md)")
@@ -222,7 +234,9 @@ def _cuda_sync_debug():
             DEEPSPEED_SYNCS[f"cuda sync at {place}"] += 1
         else:
             ours.append(place)
-    if ours:
+    if ours and _counting_only():
+        OUR_SYNCS.update(f"cuda sync at {place}" for place in ours)
+    elif ours:
         raise HostReadError(f"host sync in a step that must have none: CUDA sync at {ours[0]} "
                             f"({len(ours)} in all; train.sync_debug=true; see docs/parallel.md)")
 
@@ -241,10 +255,12 @@ def no_host_reads(device: torch.device, enabled: bool = True):
         yield
 
 
-def deepspeed_syncs_report() -> str | None:
+def sync_report() -> str | None:
     """One line about DeepSpeed's own syncs seen in quiet steps (None when there were none)."""
-    if not DEEPSPEED_SYNCS:
-        return None
-    top = ", ".join(f"{n}x {where}" for where, n in DEEPSPEED_SYNCS.most_common(4))
-    return (f"sync_debug: DeepSpeed's own host syncs in quiet steps (not ours; docs/parallel.md): "
-            f"{sum(DEEPSPEED_SYNCS.values())} -- {top}")
+    lines = []
+    for counter, whose in ((DEEPSPEED_SYNCS, "DeepSpeed's own host syncs in quiet steps (not ours; docs/parallel.md)"),
+                           (OUR_SYNCS, "our host syncs in quiet steps (AMLLM_SYNC_DEBUG=count)")):
+        if counter:
+            top = ", ".join(f"{n}x {where}" for where, n in counter.most_common(4))
+            lines.append(f"sync_debug: {whose}: {sum(counter.values())} -- {top}")
+    return "\n".join(lines) or None

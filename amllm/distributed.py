@@ -179,7 +179,7 @@ def _wait_status(group, rank: int, what: str, timeout_s: float, note_every_s: fl
         waited = time.monotonic() - start
         if waited > timeout_s:
             raise error(f"rank {rank} waited {waited:.0f} s for rank 0 {what} (data.prepare_timeout_s={timeout_s:g}); "
-                        f"tokenize ahead with `python tools/prepare_data.py --config ...` or raise the timeout")
+                        f"tokenize ahead with `python -m tools.prepare_data --config ...` or raise the timeout")
         if rank == 1 and time.monotonic() >= note_at:
             print(f"[rank 1] waiting for rank 0 {what}: {waited / 60:.0f} min so far (the other ranks wait too; "
                   f"tools/prepare_data.py does this ahead of a run)", flush=True)

@@ -28,6 +28,38 @@ from pathlib import Path
 import torch
 
 
+class MetricsFileError(ValueError):
+    """A metrics.jsonl line that is not a JSON object (the message names the file and line)."""
+
+
+def read_metrics(run: str | Path, kind: str | None = None) -> list[dict]:
+    """The records of a run's metrics.jsonl (``run``: the run directory or the file), in file order;
+    with ``kind`` only those (a line without "kind" is "eval" when it has val_loss, else "train").
+    The one reader of the file for the tools and the tests. A live or killed run's unfinished last line
+    is skipped; any other line that is not a JSON object raises :class:`MetricsFileError`."""
+    path = Path(run)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    text = path.read_text()
+    lines = text.splitlines()
+    out = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            if lineno == len(lines) and not text.endswith("\n"):
+                continue  # mid-write: the writer has not finished this line yet
+            raise MetricsFileError(f"{path} line {lineno}: not valid JSON ({err.msg}); fix or delete the line") from None
+        if not isinstance(rec, dict):
+            raise MetricsFileError(f"{path} line {lineno}: expected a JSON object, got {type(rec).__name__}; "
+                                   f"fix or delete the line")
+        rec.setdefault("kind", "eval" if "val_loss" in rec else "train")
+        if kind is None or rec["kind"] == kind:
+            out.append(rec)
+    return out
+
+
 def beta_stats(last_beta: torch.Tensor | None) -> dict:
     """β telemetry from an AM optimizer's `last_beta` (0-d global, or 1-d per layer)."""
     if last_beta is None:

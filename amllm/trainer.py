@@ -21,7 +21,7 @@ from . import fault_injection, rundir
 from .checkpoint import CheckpointError, manifest_fingerprint
 from .config import Config
 from .data import BatchSampler, DataError, load_shards, load_tokenizer, prepare, shard_dir, val_batches
-from .debug import deepspeed_syncs_report
+from .debug import sync_report
 from .evaluate import evaluate
 from .metrics import beta_stats
 from .model import config_fingerprint
@@ -136,7 +136,7 @@ def finish(code: int, run_dir: Path, progress: "Progress", logger, message: str)
     logger.close()
     if code == 0 and D.is_main_rank():
         (run_dir / "DONE").touch()
-    if (syncs := deepspeed_syncs_report()) is not None:  # train.sync_debug under DeepSpeed: what it synced itself
+    if (syncs := sync_report()) is not None:  # train.sync_debug: the syncs counted, not refused (DeepSpeed's)
         D.say(syncs)
     D.say(message)
     rundir.release_run_dirs()

@@ -75,7 +75,7 @@ def test_every_shipped_recipe_and_grid_loads():
     for p in recipes:
         load_config(p).total_steps()
     for g in grids:  # the sweep validates every grid point's config before it would run anything
-        res = subprocess.run([sys.executable, "tools/sweep.py", "--grid", str(g), "--dry-run"], cwd=root,
+        res = subprocess.run([sys.executable, "-m", "tools.sweep", "--grid", str(g), "--dry-run"], cwd=root,
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr[-2000:]
 

@@ -13,8 +13,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+
+from amllm.metrics import read_metrics
 
 sys.path.insert(0, str(ROOT))
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.compat  # also at the oldest declared versions (.ci/run
 
 
 def _records(run_dir, kind):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+    return read_metrics(run_dir, kind)
 
 
 def _run(train_overrides, run_dir, **kw):

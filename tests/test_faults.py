@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, free_port
+
+from amllm.metrics import read_metrics
 
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
@@ -58,7 +59,7 @@ def reference(base, tmp_path_factory) -> Path:
 
 
 def metrics(run: Path, kind: str = "train") -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+    return read_metrics(run, kind)
 
 
 def weights(run: Path, step: int) -> dict:

@@ -6,14 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import gpu_check_table as T  # noqa: E402
+from tools import gpu_check_table as T
 
 
 def _run(*args, env=None, timeout=120):
@@ -113,7 +111,7 @@ def test_validate_rejects_a_command_that_would_not_parse(tmp_path):
 def test_table_reads_logs_and_metrics(tmp_path):
     (tmp_path / "logs").mkdir()
     (tmp_path / "parts.tsv").write_text(
-        "bench_20m_float32\t0\t12\t20\tpython3 tools/bench_optimizer.py\n"
+        "bench_20m_float32\t0\t12\t20\tpython3 -m tools.bench_optimizer\n"
         "smoke_zero2_offload\t1\t30\t120\tpython3 train.py\n"
         "study_am_adamw_nowarmup\ttimeout@90s\t90\t90\tpython3 train.py\n"
         "sync_debug\tna\t0\t0\tmissing: train.sync_debug in amllm/config.py\n")

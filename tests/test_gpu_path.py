@@ -269,3 +269,21 @@ def test_accelerator_defaults_skip_on_the_device():
     small_cpu = AMAdamW([torch.nn.Parameter(torch.zeros(8))])
     small_meta = AMAdamW([torch.nn.Parameter(torch.zeros(8, device="meta"))])  # stands in for a GPU tensor
     assert small_cpu._resolved_impl() == "foreach" and small_meta._resolved_impl() == "fused"
+
+
+def test_count_mode_counts_our_syncs_instead_of_refusing(monkeypatch):
+    """AMLLM_SYNC_DEBUG=count (tools/bench_ds_syncs.py): the strict counter records our syncs for the
+    end-of-run report instead of raising; without it the same read raises."""
+    from amllm import debug
+
+    monkeypatch.setattr(debug, "OUR_SYNCS", debug.collections.Counter())
+    x = torch.ones(3)
+    with pytest.raises(debug.HostReadError, match="host sync"):
+        with debug.HostReads(strict=True):
+            x.sum().item()
+    monkeypatch.setenv("AMLLM_SYNC_DEBUG", "count")
+    with debug.HostReads(strict=True) as reads:
+        x.sum().item()
+        x.tolist()
+    assert reads.count == 2 and sum(debug.OUR_SYNCS.values()) == 2
+    assert "our host syncs in quiet steps (AMLLM_SYNC_DEBUG=count): 2" in debug.sync_report()

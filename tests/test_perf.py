@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from amllm.config import ModelConfig
-from amllm.model import build_model, load_llama_config, lm_loss
+from amllm.metrics import read_metrics
+from amllm.model import build_model, lm_loss, load_llama_config
 
 VOCAB = 32000
 
@@ -248,7 +249,6 @@ def test_train_py_switches_and_throughput_fields(train_overrides, tmp_path, monk
     """train.py with AC (selective) and the plain loss path trains the same numbers as the defaults
     (chunked loss, no AC); its train lines carry per-device tokens/s, TFLOP/s and mfu (null on CPU),
     consistent with each other; eval and checkpoint steps do not drag the next window down."""
-    import json
     import sys
 
     from conftest import ROOT
@@ -258,8 +258,7 @@ def test_train_py_switches_and_throughput_fields(train_overrides, tmp_path, monk
 
     def run(name, **kw):
         assert train.main(train_overrides(tmp_path / name, **kw)) == 0
-        return [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
-                if r["kind"] == "train"]
+        return read_metrics(tmp_path / name, "train")
 
     import time
 

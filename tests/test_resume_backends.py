@@ -14,7 +14,6 @@ every backend with ``checkpoint.allow_changes=[optimizer_hparams]``.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from amllm import checkpoint as ckpt
-from amllm.parallel.full_state import read_full
 from conftest import ROOT, free_port
+
+from amllm.metrics import read_metrics
+from amllm.parallel.full_state import read_full
 from tests.dist_cases import cli_env, train_cli
 
 
@@ -56,8 +55,7 @@ CROSS = {  # name: (backend, ranks, overrides) of the first part, then of the se
 
 
 def _train_records(run: Path) -> dict[int, dict]:
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in recs if r.get("kind") == "train"}
+    return {r["step"]: r for r in read_metrics(run, "train")}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +96,9 @@ def test_a_checkpoint_resumes_on_another_backend_and_world_size(case, uninterrup
     assert (run / "step-6" / "meta.json").is_file()
     for step_dir in (run / "step-3", run / "step-6"):  # ZeRO-2 / ZeRO-3 files: the AM layout's weights are
         if (step_dir / "deepspeed").is_dir():          # DeepSpeed's own zero_to_fp32 merge, bit for bit
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            from deepspeed.utils.zero_to_fp32 import (
+                get_fp32_state_dict_from_zero_checkpoint,
+            )
 
             theirs = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="deepspeed")
             ours = read_full(step_dir)["model"]

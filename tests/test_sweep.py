@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
+from amllm.metrics import read_metrics
 
 STEPS = 4
 
@@ -20,7 +21,7 @@ STEPS = 4
 def sweep(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "AMLLM_TEST_STOP_AT_STEP"}
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "tools/sweep.py", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "tools.sweep", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -44,8 +45,7 @@ NAMES = ["adamw-warmup-lr1e-3-s0", "adamw-nowarmup-lr1e-3-s0",
 
 
 def steps(run: Path) -> list[int]:
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in recs if r["kind"] == "train"]
+    return [r["step"] for r in read_metrics(run, "train")]
 
 
 def test_grid_runs_skips_done_and_resumes_interrupted(grid_args, tmp_path):

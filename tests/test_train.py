@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, free_port
+
+from amllm.metrics import read_metrics
 
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 
 
 def metrics(run: Path, kind: str = "train") -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+    return read_metrics(run, kind)
 
 
 def final_params(run: Path, step: int) -> dict:
@@ -62,8 +63,9 @@ def test_eval_only_and_hf_export_round_trip(train_overrides, tmp_path):
     assert train.main(train_overrides(run)) == 0
     final_eval = metrics(run, "eval")[-1]["val_loss"]
 
-    import tools.export_hf as export_hf
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tools.export_hf as export_hf
 
     assert export_hf.main([str(run), str(tmp_path / "hf")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -85,7 +87,7 @@ def test_eval_only_and_hf_export_round_trip(train_overrides, tmp_path):
     assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
 
     # --eval-only on the final checkpoint reproduces the final in-run evaluation exactly
-    out = subprocess.run([sys.executable, "tools/evaluate.py", str(run)], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "tools.evaluate", str(run)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert f"val_loss {final_eval:.4f}" in out.stdout
     empty = subprocess.run([sys.executable, "train.py", "--eval-only", f"run_dir={tmp_path / 'empty'}"], cwd=ROOT,

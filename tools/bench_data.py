@@ -1,6 +1,6 @@
 """Data pipeline throughput: sampler + memmap -> int64 batches, and prepare's tokenization.
 
-    python tools/bench_data.py [--data-dir data] [--batch 8] [--seq-len 256] [--steps 2000]
+    python -m tools.bench_data [--data-dir data] [--batch 8] [--seq-len 256] [--steps 2000]
 
 The trainer needs >= 50x its own tokens/s from the sampler (LLaMA-20M on CPU: ~1,050 tok/s).
 """
@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amllm.config import DataConfig  # noqa: E402
-from amllm.data import BatchSampler, load_shards, load_tokenizer, prepare  # noqa: E402
-from amllm.data.sources import sotu_documents  # noqa: E402
+from amllm.config import DataConfig
+from amllm.data import BatchSampler, load_shards, load_tokenizer, prepare
+from amllm.data.sources import sotu_documents
 
 
 def main(argv: list[str] | None = None) -> int:

