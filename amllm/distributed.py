@@ -182,7 +182,7 @@ def _wait_status(group, rank: int, what: str, timeout_s: float, note_every_s: fl
                         f"tokenize ahead with `python -m tools.prepare_data --config ...` or raise the timeout")
         if rank == 1 and time.monotonic() >= note_at:
             print(f"[rank 1] waiting for rank 0 {what}: {waited / 60:.0f} min so far (the other ranks wait too; "
-                  f"tools/prepare_data.py does this ahead of a run)", flush=True)
+                  f"`python -m tools.prepare_data` does this ahead of a run)", flush=True)
             note_at += note_every_s
         time.sleep(0.1)
     try:

@@ -232,7 +232,7 @@ def test_interrupted_prepare_never_looks_complete(tmp_path, tiny_model, monkeypa
     with pytest.raises(KeyboardInterrupt):
         prepare(sotu_cfg(tmp_path, tiny_model, train_tokens=20_000), progress=False)
     assert not list(d.glob(".*tmp*"))
-    with pytest.raises(DataError, match=r"^no manifest.json in .* run tools/prepare_data.py"):
+    with pytest.raises(DataError, match=r"^no manifest.json in .* run `python -m tools.prepare_data`"):
         load_shards(d)
     monkeypatch.undo()
     assert len(load_shards(prepare(cfg, progress=False))[0]) == 30_000
@@ -252,7 +252,7 @@ def test_load_shards_errors(tmp_path, tiny_model, tiny_tok):
         load_shards(d)
     (d / "val.bin").unlink()
     (d / "train.bin").unlink()
-    with pytest.raises(DataError, match=r"train.bin is missing; run tools/prepare_data.py again"):
+    with pytest.raises(DataError, match=r"train.bin is missing; run `python -m tools.prepare_data` again"):
         load_shards(d)
     # and prepare notices the damage and rebuilds
     assert len(load_shards(prepare(sotu_cfg(tmp_path, tiny_model), progress=False))[0]) == 30_000

@@ -191,22 +191,22 @@ def load_shards(directory: str | os.PathLike, tokenizer: Tokenizer | None = None
     manifest = read_manifest(directory)
     if manifest is None:
         raise DataError(f"no {MANIFEST} in {directory} (not prepared, or prepare was interrupted); "
-                        f"run tools/prepare_data.py with the same data.* settings")
+                        f"run `python -m tools.prepare_data` with the same data.* settings")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{directory} has shard format {manifest.get('format_version')!r}, this code reads "
-                        f"{FORMAT_VERSION}; delete it and run tools/prepare_data.py again")
+                        f"{FORMAT_VERSION}; delete it and run `python -m tools.prepare_data` again")
     if tokenizer is not None and manifest["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
         had = manifest["tokenizer"]
         raise DataError(f"{directory} was tokenized with {had['spec']!r} (fingerprint {had['fingerprint'][:12]}), "
                         f"not the requested {tokenizer.spec!r} ({tokenizer.fingerprint[:12]}); re-run prepare "
-                        f"(tools/prepare_data.py data.tokenizer={tokenizer.spec}) or point data.data_dir elsewhere")
+                        f"(`python -m tools.prepare_data data.tokenizer={tokenizer.spec}`) or point data.data_dir elsewhere")
     dtype = np.dtype(manifest["dtype"])
     arrays = []
     for split in SPLITS:
         info = manifest["splits"][split]
         path = directory / info["file"]
         if not path.is_file():
-            raise DataError(f"{path} is missing; run tools/prepare_data.py again to rebuild {directory}")
+            raise DataError(f"{path} is missing; run `python -m tools.prepare_data` again to rebuild {directory}")
         size, expected = path.stat().st_size, info["n_tokens"] * dtype.itemsize
         if size != expected:
             raise DataError(f"{path} is truncated or corrupt ({size} bytes, manifest says {info['n_tokens']} "
