@@ -3,6 +3,7 @@
 #
 #   bash tools/cluster.sh up [--hosts N] [--slurm]   # N hosts (default 2), optionally SLURM
 #   bash tools/cluster.sh exec amn2 -- CMD...          # run CMD on host amn2 (its network, hostname, /etc/hosts)
+#   bash tools/cluster.sh crash amn2                   # SIGKILL amn2's processes (not its daemons)
 #   bash tools/cluster.sh status | down
 #
 # Each host is a network namespace on one bridge (10.77.0.1, .2, ...) with its own hostname (UTS
@@ -201,6 +202,18 @@ down() {
   echo "cluster down"
 }
 
+# crash HOST: SIGKILL every process of HOST but its daemons (sshd, slurmd, the namespace holder): what a
+# host that died mid-run leaves behind, with the host back up at once so the relaunch can use it
+crash() {
+  local name=$1 pid keep
+  holder "$name" >/dev/null || { echo "cluster: no host $name" >&2; return 1; }
+  keep=" $(holder "$name") $(cat "$CLUSTER_DIR/sshd.$name.pid" 2>/dev/null) $(cat "$CLUSTER_DIR/slurm/slurmd-$name.pid" 2>/dev/null) "
+  for pid in $(ip netns pids "$name"); do
+    [[ "$keep" == *" $pid "* ]] || kill -9 "$pid" 2>/dev/null
+  done
+  echo "cluster: $name crashed (its processes SIGKILLed)"
+}
+
 status() {
   local name ok=0
   [[ -n "$(hosts)" ]] || { echo "cluster: down"; return 1; }
@@ -219,8 +232,9 @@ case "${1:-}" in
   up) shift; up "$@" ;;
   down) down ;;
   status) status ;;
+  crash) crash "${2:?usage: crash HOST}" ;;
   exec)
     [[ $# -ge 3 && "$3" == "--" ]] || { echo "cluster: usage: exec HOST -- CMD..." >&2; exit 2; }
     host=$2; shift 3; on "$host" "$@" ;;
-  *) echo "usage: bash tools/cluster.sh up [--hosts N] [--slurm] | exec HOST -- CMD... | status | down" >&2; exit 2 ;;
+  *) echo "usage: bash tools/cluster.sh up [--hosts N] [--slurm] | exec HOST -- CMD... | crash HOST | status | down" >&2; exit 2 ;;
 esac
