@@ -89,7 +89,16 @@ def init_distributed(device_pref: str = "auto", deepspeed: bool = False, dist_ba
     if world > 1:
         choose_socket_ifname(world, local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
-    if deepspeed and not dist.is_initialized():
+    if world > 1 and not dist.is_initialized():
+        # joined here for DeepSpeed too, so the join alone is under the watchdog: DeepSpeed's own init
+        # then wraps this group, and JIT-builds its CPU op (a minute, once) outside the bounded join
+        def join():
+            store = _restart_store(rank, world, timeout)
+            dist.init_process_group(backend=backend, timeout=timeout,
+                                    device_id=device if backend == "nccl" else None,  # eager NCCL init only
+                                    **({"store": store, "rank": rank, "world_size": world} if store else {}))
+        _join(join, rank, world, timeout_s)
+    if deepspeed:
         try:
             import deepspeed as ds
         except ImportError:
@@ -99,14 +108,7 @@ def init_distributed(device_pref: str = "auto", deepspeed: bool = False, dist_ba
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
-        _join(lambda: ds.init_distributed(dist_backend=backend, timeout=timeout), rank, world, timeout_s)
-    if world > 1 and not dist.is_initialized():
-        def join():
-            store = _restart_store(rank, world, timeout)
-            dist.init_process_group(backend=backend, timeout=timeout,
-                                    device_id=device if backend == "nccl" else None,  # eager NCCL init only
-                                    **({"store": store, "rank": rank, "world_size": world} if store else {}))
-        _join(join, rank, world, timeout_s)
+        ds.init_distributed(dist_backend=backend, timeout=timeout)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
