@@ -56,10 +56,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     total_steps = cfg.total_steps()
-
     # ---- processes, devices, data: rank 0 tokenizes (once, cached), every rank memory-maps its batches ------
     info = D.init_distributed(cfg.train.device, cfg.parallel.backend == "deepspeed", cfg.parallel.dist_backend,
-                              cfg.parallel.timeout_s)  # a peer that cannot be reached: one line, exit 69
+                              cfg.parallel.timeout_s)  # joins within parallel.timeout_s, or one line and exit 69
     device = set_numerics(cfg, info.device)  # threads, TF32
     backend = make_backend(cfg, info)  # ddp (also 1 process) | fsdp2 | deepspeed: amllm/parallel/
     autocast = backend.autocast()

@@ -128,6 +128,21 @@ def test_deepspeed_multinode_dry_run():
                                                   "parallel.deepspeed_config=configs/deepspeed/zero2_bf16.json")
 
 
+def test_deepspeed_hostfile_activates_the_virtualenv_and_carries_the_environment_to_every_host(tmp_path):
+    """DeepSpeed's pdsh runner forwards only PYTHON*/NCCL*: the rest must be in its DS_ENV_FILE, and the
+    remote shell must activate the virtualenv (tests/test_multinode.py checks it across real hosts)."""
+    import sys
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("h1 slots=1\nh2 slots=1\n")
+    out = _dry("deepspeed_multinode.sh", "--config", "CFG", env={"HOSTFILE": str(hostfile), "VENV": sys.prefix,
+                                                             "HF_HOME": "hf", "OMP_NUM_THREADS": "1"})
+    (cmd,) = [line for line in out if line.startswith("deepspeed ")]
+    assert f"--venv_script {sys.prefix}/bin/activate" in cmd and "--master_addr h1" in cmd, cmd
+    (carried,) = [line for line in out if line.startswith("carried to every host: ")]
+    assert {"HF_HOME", "OMP_NUM_THREADS"} <= set(carried.split(": ")[1].split()), carried
+
+
 @pytest.mark.parametrize("script,env,msg", [
     ("torchrun_multinode.sh", {"NNODES": "two"}, "NNODES=two"),
     ("torchrun_multinode.sh", {"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK=2"),

@@ -27,11 +27,12 @@ fail() { echo "cluster: $*" >&2; exit 1; }
 skip() { echo "cluster: cannot build a cluster here: $*" >&2; exit 3; }
 hosts() { cat "$CLUSTER_DIR/hosts.list" 2>/dev/null; }
 holder() { cat "$CLUSTER_DIR/$1.holder" 2>/dev/null; }
-# on HOST CMD...: run CMD in HOST's network, UTS and mount namespaces (what `exec` offers users)
+# on HOST CMD...: run CMD in HOST's network, UTS and mount namespaces (what `exec` offers users), in the
+# caller's directory (entering a mount namespace moves to its root)
 on() {
   local pid; pid=$(holder "$1") || fail "no host $1 (is the cluster up? bash tools/cluster.sh up)"
   shift
-  nsenter -t "$pid" --net --uts --mount -- "$@"
+  nsenter -t "$pid" --net --uts --mount -- bash -c 'cd "$1" || exit 1; shift; exec "$@"' _ "$PWD" "$@"
 }
 
 preflight() {
@@ -40,6 +41,7 @@ preflight() {
   for tool in ip unshare nsenter; do command -v "$tool" >/dev/null || skip "$tool not found"; done
   command -v /usr/sbin/sshd >/dev/null || skip "openssh-server is not installed (apt-get install -y openssh-server)"
   command -v ssh-keygen >/dev/null || skip "ssh-keygen not found (apt-get install -y openssh-client)"
+  command -v pdsh >/dev/null || skip "pdsh is not installed (apt-get install -y pdsh; the deepspeed launcher needs it)"
   if [[ -n "$SLURM" ]]; then
     for tool in slurmctld slurmd sbatch scontrol; do
       command -v "$tool" >/dev/null || skip "$tool not found (apt-get install -y slurmctld slurmd slurm-client)"
