@@ -109,9 +109,9 @@ def finish(p: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
     return p.returncode, out
 
 
-def torchrun_both(cluster, run_args: list[str], port: int, **extra) -> list[subprocess.Popen]:
+def torchrun_both(cluster, run_args: list[str], port: int, per_host: int = 1, **extra) -> list[subprocess.Popen]:
     return [on(cluster, host, ["bash", "launch/torchrun_multinode.sh", *run_args], NNODES="2", NODE_RANK=str(i),
-               MASTER_ADDR=MASTER, MASTER_PORT=str(port), NPROC_PER_NODE="1", **extra)
+               MASTER_ADDR=MASTER, MASTER_PORT=str(port), NPROC_PER_NODE=str(per_host), **extra)
             for i, host in enumerate((H1, H2))]
 
 
@@ -127,13 +127,17 @@ def error_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("error: ")]
 
 
+@pytest.mark.parametrize("per_host", [1, 2])
 def test_torchrun_two_hosts_without_an_interface_hint_match_one_process(cluster, reference, micro_model, data_dir,
-                                                                         tmp_path):
+                                                                         tmp_path, per_host):
+    """2 hosts x 1 rank (2 sequences each) and 2 hosts x 2 ranks (1 each): the 4 sequences of one process."""
     run = tmp_path / "run"
-    hosts = torchrun_both(cluster, overrides(run, micro_model, data_dir), 29521)
+    hosts = torchrun_both(cluster, overrides(run, micro_model, data_dir, **{"train.micro_batch_size": 2 // per_host}),
+                          29521 + 10 * per_host, per_host)
     outs = [finish(p) for p in hosts]
     for rc, out in outs:
         assert rc == 0, out[-3000:]
+    assert f"{2 * per_host} rank(s) x 1 micro-batch(es) of {2 // per_host} x 64" in outs[0][1], outs[0][1][-2000:]
     # each host chose the bridge interface itself (its own name resolves to loopback)
     assert f"[dist] {H1}: gloo over eth0 (10.77.0.1)" in outs[0][1]
     assert f"[dist] {H2}: gloo over eth0 (10.77.0.2)" in outs[1][1]
