@@ -36,12 +36,12 @@ def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster")
     env = {**os.environ, "CLUSTER_DIR": str(state), "CLUSTER_PREFIX": PREFIX}
     r = subprocess.run(["bash", CLUSTER, "up", "--hosts", "2", "--slurm"], env=env, capture_output=True, text=True,
-                       timeout=180)
+                       timeout=180, check=False)
     if r.returncode == 3:
         pytest.skip(r.stderr.strip())
     assert r.returncode == 0, r.stderr
     yield env
-    subprocess.run(["bash", CLUSTER, "down"], env=env, capture_output=True, timeout=120)
+    subprocess.run(["bash", CLUSTER, "down"], env=env, capture_output=True, timeout=120, check=False)
 
 
 def host_env(cluster: dict, **extra: str) -> dict:
@@ -81,7 +81,8 @@ def reference(tmp_path_factory, micro_model, data_dir):
             run = tmp_path_factory.mktemp("reference") / "run"
             r = subprocess.run([sys.executable, "train.py", *overrides(run, micro_model, data_dir,
                                                                          **{"train.max_steps": steps})],
-                               cwd=ROOT, env=host_env({**os.environ}), capture_output=True, text=True, timeout=600)
+                               cwd=ROOT, env=host_env({**os.environ}), capture_output=True, text=True, timeout=600,
+                               check=False)
             assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
             runs[steps] = run
         return runs[steps]
@@ -169,7 +170,7 @@ def test_deepspeed_launcher_reaches_the_second_host_over_ssh_with_the_environmen
 
 def _squeue_state(cluster, job: str) -> str:
     r = subprocess.run(["bash", CLUSTER, "exec", H1, "--", "scontrol", "show", "job", job], env=cluster,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, check=False)
     m = re.search(r"JobState=(\S+)", r.stdout)
     return m.group(1) if m else r.stderr.strip()
 
@@ -182,17 +183,18 @@ def test_sbatch_on_two_nodes_requeued_mid_run_resumes_and_ends_as_one_process(cl
                           "--ntasks-per-node", "1", "--cpus-per-task", "1", "--gpus-per-node", "0", "--output",
                           str(log), "--open-mode", "append", "launch/slurm.sbatch", *args], cwd=ROOT,
                          env=host_env(cluster, MASTER_PORT="29523", AMLLM_TEST_STEP_SLEEP="1"),
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, check=False)
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
 
     def exec1(*cmd):
         return subprocess.run(["bash", CLUSTER, "exec", H1, "--", *cmd], env=cluster, capture_output=True,
-                              text=True, timeout=60)
+                              text=True, timeout=60, check=False)
 
     end = time.monotonic() + 300
     while not ((run / "metrics.jsonl").exists() and '"step": 2' in (run / "metrics.jsonl").read_text()):
-        assert time.monotonic() < end, f"job {job} did not reach step 2: {log.read_text()[-3000:] if log.exists() else ''}"
+        tail = log.read_text()[-3000:] if log.exists() else ""
+        assert time.monotonic() < end, f"job {job} did not reach step 2: {tail}"
         time.sleep(0.5)
     assert exec1("scontrol", "requeue", job).returncode == 0  # SIGTERM to every task of the job's steps
     end = time.monotonic() + 180
