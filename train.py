@@ -56,9 +56,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     total_steps = cfg.total_steps()
-
     # ---- processes, devices, data: rank 0 tokenizes (once, cached), every rank memory-maps its batches ------
-    info = D.init_distributed(cfg.train.device, cfg.parallel.backend == "deepspeed", cfg.parallel.dist_backend)
+    info = D.init_distributed(cfg.train.device, cfg.parallel.backend == "deepspeed", cfg.parallel.dist_backend,
+                              cfg.parallel.timeout_s)  # joins within parallel.timeout_s, or one line and exit 69
     device = set_numerics(cfg, info.device)  # threads, TF32
     backend = make_backend(cfg, info)  # ddp (also 1 process) | fsdp2 | deepspeed: amllm/parallel/
     autocast = backend.autocast()
@@ -167,6 +167,12 @@ def run_cli(argv=None) -> int:
         rundir.release_run_dirs()
         print(f"error: {compile_error_line(e)}", file=sys.stderr)
         return D.finish(2, sync=False)
+    except Exception as e:  # a peer unreachable at the join, or lost mid-run (a host died): one line, exit 69
+        if (lost := D.as_peer_error(e)) is None:
+            raise
+        rundir.release_run_dirs()
+        print(f"error: {lost}", file=sys.stderr)
+        return D.finish(D.PEER_EXIT, sync=False)
 
 
 if __name__ == "__main__":

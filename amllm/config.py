@@ -308,11 +308,17 @@ class ParallelConfig:
     dist_backend: str = "auto"
     """The process group's backend: auto (NCCL on CUDA, gloo on CPU) | nccl | gloo. gloo on CUDA lets
     several ranks share one GPU (DDP only; slow: for tests on a one-GPU machine)."""
+    timeout_s: int = 1800
+    """How long a rank waits for its peers, in seconds: to join the process group, and in any collective
+    (the process group's timeout). A rank that cannot reach a peer, or loses one (a host died), stops
+    within about this time with one line naming the peer, exit status 69. Long enough for the slowest
+    collective that waits on one rank (a checkpoint save's barrier); see docs/multinode.md."""
 
     def __post_init__(self) -> None:
         _one_of("parallel.backend", self.backend, ("ddp", "fsdp2", "deepspeed"))
         _one_of("parallel.reshard_after_forward", self.reshard_after_forward, ("default", "always", "never"))
         _one_of("parallel.dist_backend", self.dist_backend, ("auto", "nccl", "gloo"))
+        _check(self.timeout_s >= 1, f"parallel.timeout_s={self.timeout_s} must be at least 1 (seconds)")
         if self.backend == "deepspeed":
             _check(bool(self.deepspeed_config),
                    "parallel.backend=deepspeed needs parallel.deepspeed_config=configs/deepspeed/<file>.json")

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -19,6 +22,12 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+
+PEER_EXIT = 69  # EX_UNAVAILABLE: a peer could not be reached, or was lost; relaunch (the run resumes)
+
+
+class PeerError(RuntimeError):
+    """A rank could not join its peers, or lost one: one line naming the host and address involved."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,19 @@ def init_distributed(device_pref: str = "auto", deepspeed: bool = False, dist_ba
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_pref, local_rank, dist_backend)
     backend = _backend_name(dist_backend, device)
-    if deepspeed and not dist.is_initialized():
+    if world > 1:
+        choose_socket_ifname(world, local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if world > 1 and not dist.is_initialized():
+        # joined here for DeepSpeed too, so the join alone is under the watchdog: DeepSpeed's own init
+        # then wraps this group, and JIT-builds its CPU op (a minute, once) outside the bounded join
+        def join():
+            store = _restart_store(rank, world, timeout)
+            dist.init_process_group(backend=backend, timeout=timeout,
+                                    device_id=device if backend == "nccl" else None,  # eager NCCL init only
+                                    **({"store": store, "rank": rank, "world_size": world} if store else {}))
+        _join(join, rank, world, timeout_s)
+    if deepspeed:
         try:
             import deepspeed as ds
         except ImportError:
@@ -87,15 +108,170 @@ def init_distributed(device_pref: str = "auto", deepspeed: bool = False, dist_ba
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
-        ds.init_distributed(dist_backend=backend,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    if world > 1 and not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s)
-        store = _restart_store(rank, world, timeout)
-        dist.init_process_group(backend=backend, timeout=timeout,
-                                device_id=device if backend == "nccl" else None,  # eager NCCL init only
-                                **({"store": store, "rank": rank, "world_size": world} if store else {}))
+        ds.init_distributed(dist_backend=backend, timeout=timeout)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+# ---- joining across hosts: the interface, a bounded join, one line when a peer is unreachable or lost -----
+
+_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def choose_socket_ifname(world: int, local_rank: int) -> str | None:
+    """Set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME (each only where the user did not) to the interface
+    that routes to MASTER_ADDR, and return it (None: left to the backends).
+
+    Why: without a hint gloo binds the address this host's name resolves to, which is 127.0.1.1 on
+    Debian and on many clusters; the other hosts then connect to loopback and fail, and this host waits
+    for them until its timeout. When MASTER_ADDR is this very host and resolves to loopback here, the
+    job still spans hosts, so the interface of the default route (else the first interface with a
+    global address) is the one the other hosts reach us by."""
+    user = {v: os.environ[v] for v in _IFNAME_VARS if os.environ.get(v)}
+    name = user.get("GLOO_SOCKET_IFNAME")
+    ifaces = _interface_addresses()
+    if len(user) < len(_IFNAME_VARS):
+        addr = _resolve(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        local = _source_address(addr) if addr else ""  # unresolvable: the backend's own error names it
+        name = next((n for n, a in ifaces.items() if a == local), None) if local else None
+        if local and (name is None or (local.startswith("127.") and _spans_hosts(world))):
+            route = _default_route_interface()
+            name = route if route in ifaces else next((n for n, a in ifaces.items() if not a.startswith("127.")), name)
+        for var in _IFNAME_VARS:
+            if name:
+                os.environ.setdefault(var, name)
+    if local_rank == 0 and _spans_hosts(world) and os.environ.get("GLOO_SOCKET_IFNAME"):
+        gloo = os.environ["GLOO_SOCKET_IFNAME"]
+        why = ("GLOO_SOCKET_IFNAME as set" if "GLOO_SOCKET_IFNAME" in user else
+               f"the interface that routes to MASTER_ADDR={os.environ.get('MASTER_ADDR')}; GLOO_SOCKET_IFNAME / "
+               f"NCCL_SOCKET_IFNAME override it")
+        print(f"[dist] {socket.gethostname()}: gloo over {gloo} ({ifaces.get(gloo, 'no IPv4 address')}), {why}",
+              flush=True)
+    return name
+
+
+def _spans_hosts(world: int) -> bool:
+    """Does the job run on more than this host? From what torchrun, deepspeed and SLURM set."""
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE")
+    nodes = max(int(os.environ.get(v, "1") or 1) for v in ("GROUP_WORLD_SIZE", "CROSS_SIZE", "SLURM_JOB_NUM_NODES"))
+    return nodes > 1 or (local is not None and local.isdigit() and int(local) < world)
+
+
+def _resolve(host: str) -> str | None:
+    try:
+        return socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]
+    except (OSError, IndexError):
+        return None
+
+
+def _source_address(addr: str) -> str:
+    """This host's address for packets to ``addr`` (a UDP connect sends nothing; the kernel picks the route)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((addr, 9))
+            return s.getsockname()[0]
+        except OSError:
+            return ""
+
+
+def _interface_addresses() -> dict[str, str]:
+    """{interface: IPv4 address} of the interfaces that have one (Linux ioctl; {} elsewhere)."""
+    try:
+        import fcntl
+        import struct
+    except ImportError:
+        return {}
+    out = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+                out[name] = socket.inet_ntoa(raw[20:24])
+            except OSError:
+                pass
+    return out
+
+
+def _default_route_interface() -> str | None:
+    try:
+        from pathlib import Path
+
+        for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 1 and fields[1] == "00000000":
+                return fields[0]
+    except OSError:
+        pass
+    return None
+
+
+_ADDRESS = re.compile(r"\[([0-9a-fA-F.:]+)\]:(\d+)|\(([0-9a-zA-Z.\-:]+), (\d+)\)")
+
+
+def _where() -> str:
+    iface = os.environ.get("GLOO_SOCKET_IFNAME") or "default"
+    return (f"MASTER_ADDR={os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}, "
+            f"this host {socket.gethostname()} over {iface}")
+
+
+def _peer(message: str) -> str:
+    """The peer a backend error names: 'host (address:port)' from its last [addr]:port or (addr, port)."""
+    found = _ADDRESS.findall(message)
+    if not found:
+        return "a peer"
+    a, p, a2, p2 = found[-1]
+    addr, port = a or a2, p or p2
+    try:
+        name = socket.gethostbyaddr(addr)[0]
+    except OSError:
+        name = ""
+    loop = " (loopback: that host's name resolves to loopback; set GLOO_SOCKET_IFNAME on every host)" \
+        if addr.startswith("127.") else ""
+    return f"{name} ({addr}:{port}{loop})" if name and name != addr else f"{addr}:{port}{loop}"
+
+
+def _join(fn, rank: int, world: int, timeout_s: float) -> None:
+    """Run the process-group join ``fn``; a failure becomes one PeerError line, and a join that hangs past
+    parallel.timeout_s (plus a grace for the backend's own, better error) ends this process with PEER_EXIT."""
+    done = threading.Event()
+    grace = max(10.0, 0.1 * timeout_s)
+
+    def watchdog():
+        if not done.wait(timeout_s + grace):
+            print(f"error: rank {rank} of {world} could not join its peers within parallel.timeout_s={timeout_s:g} s "
+                  f"({_where()}); check that every host was started and reaches MASTER_ADDR", file=sys.stderr,
+                  flush=True)
+            os._exit(PEER_EXIT)
+
+    threading.Thread(target=watchdog, daemon=True, name="amllm-join-watchdog").start()
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 -- whatever the backend raises while joining is a join failure
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeerError(f"rank {rank} of {world} could not join its peers: {_peer(str(e))} failed ({_short(first)}; "
+                        f"{_where()}); every host must reach MASTER_ADDR, and GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME "
+                        f"(if set) must name the interface that routes to it") from None
+    finally:
+        done.set()
+
+
+def _short(line: str) -> str:
+    """A backend's message without source locations and past its first sentence (gloo adds advice)."""
+    return re.split(r"(?<=\S)\. ", re.sub(r"\[/\S+:\d+\] ", "", line))[0][:200]
+
+
+_LOST = re.compile(r"Connection closed by peer|Connection reset|Broken pipe|Read error|Write error|timed out|"
+                   r"Timed out|NCCL communicator was aborted|DistNetworkError|Socket Timeout", re.IGNORECASE)
+
+
+def as_peer_error(e: BaseException) -> PeerError | None:
+    """A backend error that means a peer was lost during the run, as one PeerError line; None otherwise."""
+    if isinstance(e, PeerError):
+        return e
+    if not isinstance(e, RuntimeError) or not is_dist() or not _LOST.search(str(e)):
+        return None
+    first = next((line for line in str(e).splitlines() if _LOST.search(line)), str(e).splitlines()[0])
+    return PeerError(f"rank {dist.get_rank()} on {socket.gethostname()} lost its peer {_peer(str(e))} ({_short(first.strip())}); "
+                     f"the run stopped: relaunch the same command on every host to resume from the last checkpoint")
 
 
 def ensure_process_group(device: torch.device) -> None:

@@ -17,11 +17,17 @@ so the loop carries no test code. docs/faults.md says which test uses which.
     AMLLM_TEST_PLANT_SYNCS=N      at step N's forward (a quiet step with train.sync_debug=true), try one
                                   host sync of every class amllm.debug knows; each must be refused. Which
                                   were is written to <run_dir>/planted-syncs-rank<r>.json
+    AMLLM_TEST_STEP_SLEEP=S       sleep S seconds at the start of every step (slow steps, so that a signal
+                                  or a killed host lands mid-run: tests/test_multinode.py)
+    AMLLM_TEST_ENV_REPORT=A,B,..  each rank writes those environment variables (and its host name) to
+                                  <run_dir>/env-rank<r>.json: what a launcher carried to a remote host
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -43,15 +49,21 @@ def install(model: torch.nn.Module, sampler, rank: int, run_dir: Path) -> None:
             return poison_loss(out, sampler.step, rank) if module.training and torch.is_tensor(out) else None
 
         model.register_forward_hook(poison)
-    if os.environ.get("AMLLM_TEST_CRASH_AT_STEP"):
+    if os.environ.get("AMLLM_TEST_CRASH_AT_STEP") or os.environ.get("AMLLM_TEST_STEP_SLEEP"):
         draw = sampler.next_batch
+        pause = float(os.environ.get("AMLLM_TEST_STEP_SLEEP") or 0)
 
         def next_batch():
             batch = draw()
             crash_hook(sampler.step, rank, run_dir)
+            time.sleep(pause)
             return batch
 
         sampler.next_batch = next_batch
+    if os.environ.get("AMLLM_TEST_ENV_REPORT"):
+        names = [n.strip() for n in os.environ["AMLLM_TEST_ENV_REPORT"].split(",") if n.strip()]
+        report = {"hostname": socket.gethostname(), **{n: os.environ.get(n) for n in names}}
+        (Path(run_dir) / f"env-rank{rank}.json").write_text(json.dumps(report))
     if os.environ.get("AMLLM_TEST_PLANT_SYNCS"):
         at = int(os.environ["AMLLM_TEST_PLANT_SYNCS"])
 
@@ -79,8 +91,6 @@ PLANTED_SYNCS = {
 
 def plant_syncs(t: torch.Tensor, out: Path) -> None:
     """Try every planted sync inside the current (checked) step; record which were refused."""
-    import json
-
     from .debug import HostReadError
 
     refused = {}

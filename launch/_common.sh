@@ -24,3 +24,13 @@ need_int() {
 
 # gpus_here: this machine's GPU count (at least 1: a CPU machine runs 1 process)
 gpus_here() { python -c 'import torch; print(max(1, torch.cuda.device_count()))'; }
+
+# carry_env: NAME=VALUE lines of the variables a remote host needs that DeepSpeed's runner does not
+# forward itself (it forwards PYTHON* and NCCL*). Values DeepSpeed cannot quote (", $, `, newline)
+# are left out: it wraps values in double quotes on the remote command line.
+carry_env() {
+  local name
+  for name in $(compgen -e | grep -E '^(HF_|HUGGINGFACE_|TRANSFORMERS_|TOKENIZERS_|TORCH_|TRITON_|OMP_|MKL_|GLOO_|WANDB_|AMLLM_)|^LD_LIBRARY_PATH$'); do
+    [[ "${!name}" == *[\"\$\`$'\n']* ]] || printf '%s=%s\n' "$name" "${!name}"
+  done
+}

@@ -128,6 +128,21 @@ def test_deepspeed_multinode_dry_run():
                                                   "parallel.deepspeed_config=configs/deepspeed/zero2_bf16.json")
 
 
+def test_deepspeed_hostfile_activates_the_virtualenv_and_carries_the_environment_to_every_host(tmp_path):
+    """DeepSpeed's pdsh runner forwards only PYTHON*/NCCL*: the rest must be in its DS_ENV_FILE, and the
+    remote shell must activate the virtualenv (tests/test_multinode.py checks it across real hosts)."""
+    import sys
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("h1 slots=1\nh2 slots=1\n")
+    out = _dry("deepspeed_multinode.sh", "--config", "CFG", env={"HOSTFILE": str(hostfile), "VENV": sys.prefix,
+                                                             "HF_HOME": "hf", "OMP_NUM_THREADS": "1"})
+    (cmd,) = [line for line in out if line.startswith("deepspeed ")]
+    assert f"--venv_script {sys.prefix}/bin/activate" in cmd and "--master_addr h1" in cmd, cmd
+    (carried,) = [line for line in out if line.startswith("carried to every host: ")]
+    assert {"HF_HOME", "OMP_NUM_THREADS"} <= set(carried.split(": ")[1].split()), carried
+
+
 @pytest.mark.parametrize("script,env,msg", [
     ("torchrun_multinode.sh", {"NNODES": "two"}, "NNODES=two"),
     ("torchrun_multinode.sh", {"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK=2"),
@@ -162,3 +177,30 @@ print("ok", float(opt.last_beta))
 
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
+
+
+def test_gloo_interface_is_the_one_that_routes_to_master_addr_unless_the_user_set_it(monkeypatch):
+    """What train.py does before joining (the cross-host case is tests/test_multinode.py's)."""
+    import os
+
+    from amllm import distributed as D
+
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "CROSS_SIZE",
+                "SLURM_JOB_NUM_NODES", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.setenv(var, "x")  # recorded, so what the call sets is undone after the test
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert D.choose_socket_ifname(2, 0) == "lo"
+    assert os.environ["GLOO_SOCKET_IFNAME"] == os.environ["NCCL_SOCKET_IFNAME"] == "lo"
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ib0")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
+    assert D.choose_socket_ifname(2, 0) == "ib0"  # the user's choice stands
+
+
+def test_a_lost_peer_is_named_from_the_backend_message():
+    from amllm import distributed as D
+
+    msg = "[/x/gloo/pair.cc:534] Connection closed by peer [10.77.0.2]:10900. This is typically caused by ..."
+    assert D._short(msg.splitlines()[0]) == "Connection closed by peer [10.77.0.2]:10900"
+    assert D._peer(msg).endswith("10.77.0.2:10900") or D._peer(msg).endswith("(10.77.0.2:10900)")
+    assert "loopback" in D._peer("remote=[127.0.0.1]:28580")
