@@ -1,4 +1,4 @@
-"""Results tools (tools/plot.py, tools/summarize.py, amllm/runs.py) on synthetic run directories."""
+"""Results tools (tools/plot.py, tools/summarize.py, tools/runs.py) on synthetic run directories."""
 
 import json
 import math
@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import yaml
+
+from tools import plot, summarize
+from tools.runs import RunError, load_run, load_runs
 
 matplotlib.use("Agg")
-import matplotlib.image as mpimg  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import yaml  # noqa: E402
-
-from amllm.runs import RunError, load_run, load_runs  # noqa: E402
-from tools import plot, summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_LAYERS = 4
@@ -166,8 +166,8 @@ def test_summary_tables(runs_root):
 
 
 def cli(tool, *args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / tool), *map(str, args)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", f"tools.{tool.removesuffix('.py')}", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
 def test_cli_end_to_end(runs_root, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from amllm.runs import load_run, load_runs
+from tools.runs import load_run, load_runs
 from tools import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,8 +119,8 @@ def test_speedup_by_hand(study_root):
 
 def test_study_tables_end_to_end(study_root, tmp_path):
     out = tmp_path / "results.md"
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "summarize.py"), str(study_root), "--study",
-                          "--out", str(out)], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-m", "tools.summarize", str(study_root), "--study",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     text = out.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| `am_adamw-nowarmup` − `adamw-nowarmup`"))
@@ -140,8 +140,8 @@ def test_study_tables_end_to_end(study_root, tmp_path):
     assert cells[7] == f"{(59 * 0.9 + 0.8) / 60:.3f}"  # mean β over the 60 steps
     # a pair of arms without runs is left out, an arm pair given on the command line is used
     assert "am_adamw-warmup" not in text
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "summarize.py"), str(study_root), "--study",
-                          "--pair", "adamw-nowarmup:am_adamw-nowarmup"], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-m", "tools.summarize", str(study_root), "--study",
+                          "--pair", "adamw-nowarmup:am_adamw-nowarmup"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "| `adamw-nowarmup` − `am_adamw-nowarmup` | 5 | +0.0500 | [-0.0069, +0.1069] | 0.071 | 1/5 |" in res.stdout
 
 

@@ -10,23 +10,23 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 if [ "${1:-}" = contrast ]; then
   OUT=${OUT:-runs/study}
-  "$PY" tools/sweep.py --grid configs/cpu/study_grid.yaml --out "$OUT" --jobs "${JOBS:-2}"
+  "$PY" -m tools.sweep --grid configs/cpu/study_grid.yaml --out "$OUT" --jobs "${JOBS:-2}"
   D=docs/study/contrast_lr1e-3
   mkdir -p $D
-  "$PY" tools/summarize.py "$OUT" --paper --out $D/results.md
+  "$PY" -m tools.summarize "$OUT" --paper --out $D/results.md
   for lr in 1e-3 3e-2; do
-    "$PY" tools/summarize.py "$OUT/*-lr$lr-*" --out "$D/results_lr$lr.md"
-    "$PY" tools/plot.py "$OUT/*-lr$lr-*" --out "$D/lr$lr" --smooth 10
+    "$PY" -m tools.summarize "$OUT/*-lr$lr-*" --out "$D/results_lr$lr.md"
+    "$PY" -m tools.plot "$OUT/*-lr$lr-*" --out "$D/lr$lr" --smooth 10
   done
   exit 0
 fi
 OUT=${OUT:-runs/study_beta}
-"$PY" tools/sweep.py --grid configs/cpu/study_beta_grid.yaml --out "$OUT" --jobs "${JOBS:-2}"
+"$PY" -m tools.sweep --grid configs/cpu/study_beta_grid.yaml --out "$OUT" --jobs "${JOBS:-2}"
 D=docs/study
 rm -rf $D/runs
-"$PY" tools/summarize.py "$OUT" --export $D/runs
-"$PY" tools/summarize.py $D/runs --study --paper --out $D/results.md
-"$PY" tools/plot.py "$D/runs/adamw-*" "$D/runs/am_adamw-warmup-*" "$D/runs/am_adamw-nowarmup-*" \
+"$PY" -m tools.summarize "$OUT" --export $D/runs
+"$PY" -m tools.summarize $D/runs --study --paper --out $D/results.md
+"$PY" -m tools.plot "$D/runs/adamw-*" "$D/runs/am_adamw-warmup-*" "$D/runs/am_adamw-nowarmup-*" \
     --out $D/figs/arms --smooth 3                                         # the paper's four arms
-"$PY" tools/plot.py "$D/runs/adamw-nowarmup-*" "$D/runs/am_adamw-*nowarmup-*" "$D/runs/adamw-beta1*" \
+"$PY" -m tools.plot "$D/runs/adamw-nowarmup-*" "$D/runs/am_adamw-*nowarmup-*" "$D/runs/adamw-beta1*" \
     --out $D/figs/variants --smooth 3                                     # the variants and the control

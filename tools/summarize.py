@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Markdown tables of validation results of training runs.
 
-    python tools/summarize.py runs/* [--out results.md] [--paper]
-    python tools/summarize.py runs/study_beta --study [--pair TREAT:BASE ...] --out docs/study/results.md
-    python tools/summarize.py runs/study_beta --export docs/study/runs   # compact copies of the runs
+    python -m tools.summarize runs/* [--out results.md] [--paper]
+    python -m tools.summarize runs/study_beta --study [--pair TREAT:BASE ...] --out docs/study/results.md
+    python -m tools.summarize runs/study_beta --export docs/study/runs   # compact copies of the runs
 
 Table 1: final and best validation loss / perplexity per run. Table 2, the paper's layout:
 rows model x schedule, columns AdamW | AM-AdamW | Clip | Restart, cells the mean final
@@ -26,11 +26,9 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a checkout, uninstalled
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from amllm.runs import (  # noqa: E402
+from tools.runs import (
     PAPER_METHODS, PAPER_VAL_LOSS, Run, format_lr, load_runs_or_report, natural_key, runs_parser)
 
 MISSING = "—"

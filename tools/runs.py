@@ -1,7 +1,7 @@
 """Read training run directories (``metrics.jsonl``, ``config.yaml``, ``DONE``) for the results tools.
 
-Kept free of torch so plotting and summarising work on a laptop without the training stack.
-Every problem a user can fix is raised as :class:`RunError` with a one-line message naming the
+It serves the tools and the tests only (hence here, not in the amllm package). Lines are read by
+``amllm.metrics.read_metrics``, the one reader of metrics.jsonl. Every problem a user can fix is raised as :class:`RunError` with a one-line message naming the
 file (and line), so the CLIs can print it and exit 2 instead of dumping a traceback.
 """
 
@@ -19,10 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from amllm.metrics import MetricsFileError, read_metrics
+
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 
-TRAIN_FIELDS = ("tokens", "loss", "lr", "grad_norm", "beta", "beta_min", "beta_max", "tokens_per_s", "time")
+TRAIN_FIELDS = ("tokens", "loss", "lr", "grad_norm", "beta", "beta_min", "beta_max", "beta_dg", "beta_cos", "beta_lam",
+                "tokens_per_s", "time")
+# optim.beta_terms per layer (Run.layer_terms)
+LAYER_TERMS = ("betas_dg", "betas_cos", "betas_lam")
 EVAL_FIELDS = ("tokens", "val_loss", "val_ppl")
 
 # Column names of the paper's Table (LLaMA on C4), in its order; other methods are appended.
@@ -47,6 +52,7 @@ class Run:
     eval: dict[str, np.ndarray] = field(default_factory=dict)  # "step" + EVAL_FIELDS, sorted by step
     beta_steps: np.ndarray | None = None  # steps that logged a per-layer "betas" vector
     betas: np.ndarray | None = None  # (len(beta_steps), n_layers)
+    layer_terms: np.ndarray | None = None  # (len(beta_steps), 3, n_layers): LAYER_TERMS (NaN: not logged)
     done: bool = False
 
     @property
@@ -214,7 +220,9 @@ def load_run(path: str | Path) -> Run:
             run.eval["val_ppl"][missing] = np.exp(run.eval["val_loss"][missing])
     if betas:
         steps, rows = _last_per_step([s for s, _ in betas], [r for _, r in betas])
-        run.beta_steps, run.betas = np.asarray(steps), np.asarray(rows, dtype=float)
+        run.beta_steps = np.asarray(steps)
+        run.betas = np.asarray([b for b, _ in rows], dtype=float)
+        run.layer_terms = np.asarray([t for _, t in rows], dtype=float)
     return run
 
 
@@ -237,25 +245,18 @@ def _read_config(path: Path) -> dict:
 def _read_metrics(path: Path):
     train: list[dict] = []
     evals: list[dict] = []
-    betas: list[tuple[int, list[float]]] = []
+    betas: list[tuple[int, tuple[list[float], list[list[float]]]]] = []
     n_layers = None
-    text = path.read_text()
-    lines = text.splitlines()
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    try:
+        records = read_metrics(path)
+    except MetricsFileError as err:
+        raise RunError(str(err)) from None
+    _note_unfinished(path)
+    # read_metrics returns one record per non-blank line, in order: their line numbers for the messages
+    linenos = [i for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    for lineno, rec in zip(linenos, records):
         where = f"{path} line {lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            if lineno == len(lines) and not text.endswith("\n"):
-                # A live run may be mid-write: its last line is not finished yet.
-                print(f"note: {where}: skipping unfinished last line", file=sys.stderr)
-                continue
-            raise RunError(f"{where}: not valid JSON ({err.msg}); fix or delete the line") from None
-        if not isinstance(rec, dict):
-            raise RunError(f"{where}: expected a JSON object, got {type(rec).__name__}; fix or delete the line")
-        kind = rec.get("kind") or ("eval" if "val_loss" in rec else "train")
+        kind = rec["kind"]
         if kind not in ("train", "eval"):
             continue  # other record kinds (e.g. run metadata) are not plotted
         if not isinstance(rec.get("step"), (int, float)) or isinstance(rec.get("step"), bool):
@@ -272,8 +273,24 @@ def _read_metrics(path: Path):
             if n_layers is not None and len(vec) != n_layers:
                 raise RunError(f"{where}: \"betas\" has {len(vec)} entries, earlier lines had {n_layers}")
             n_layers = len(vec)
-            betas.append((row["step"], [_number(v, "betas", where) for v in vec]))
+            terms = []
+            for key in LAYER_TERMS:  # per-layer β terms (optim.beta_terms), aligned with "betas"
+                col = rec.get(key)
+                terms.append([_number(v, key, where) for v in col] if isinstance(col, list) and len(col) == len(vec)
+                             else [math.nan] * len(vec))
+            betas.append((row["step"], ([_number(v, "betas", where) for v in vec], terms)))
     return train, evals, betas
+
+
+def _note_unfinished(path: Path) -> None:
+    """read_metrics skips a live run's unfinished last line silently; the tools say so."""
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            print(f"note: {path} line {len(lines)}: skipping unfinished last line", file=sys.stderr)
 
 
 def _number(value: Any, key: str, where: str) -> float:
