@@ -8,6 +8,7 @@ file (and line), so the CLIs can print it and exit 2 instead of dumping a traceb
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import glob
 import json
 import math
@@ -170,6 +171,9 @@ def expand_run_dirs(args: list[str]) -> list[Path]:
         if not matches:
             raise RunError(f"{arg}: matches no files")
         for match in map(Path, matches):
+            if match.is_file() and match.suffix == ".jsonl" and match.name != METRICS:
+                dirs.append(match)  # a bundle (write_bundle): its runs are read by load_runs
+                continue
             if not match.is_dir():
                 raise RunError(f"{match}: {'not a directory' if match.exists() else 'no such directory'}")
             if (match / METRICS).exists() or (match / CONFIG).exists():
@@ -183,7 +187,72 @@ def expand_run_dirs(args: list[str]) -> list[Path]:
 
 
 def load_runs(args: list[str]) -> list[Run]:
-    return [load_run(d) for d in expand_run_dirs(args)]
+    """Runs from run directories, their parents, globs, and bundles (``FILE.jsonl``, or
+    ``FILE.jsonl#GLOB`` for the bundle's runs whose name matches GLOB)."""
+    runs = []
+    for arg in args:
+        path, sep, pattern = arg.partition("#")
+        if sep and path.endswith(".jsonl"):
+            if not Path(path).is_file():
+                raise RunError(f"{path}: no such bundle file")
+            runs += [r for r in read_bundle(Path(path)) if fnmatch.fnmatch(r.name, pattern)]
+            continue
+        for d in expand_run_dirs([arg]):
+            runs += read_bundle(d) if d.is_file() else [load_run(d)]
+    return runs
+
+
+# --- bundles: many runs in one compact file ---------------------------------------------------------
+#: what a bundle keeps of a train / eval line (the fields the tools read)
+BUNDLE_TRAIN = ("step", "tokens", "loss", "lr", "grad_norm", "beta", "beta_min", "beta_max", "betas",
+                "beta_dg", "beta_cos", "beta_lam", *LAYER_TERMS)
+BUNDLE_EVAL = ("step", "tokens", "val_loss")
+
+
+def _small(value):
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, list):
+        return [_small(v) for v in value]
+    return value
+
+
+def write_bundle(runs: list[Run], out: Path) -> Path:
+    """One JSON line per run: {"run", "done", "config", "train": [...], "eval": [...]} with the records
+    reduced to BUNDLE_TRAIN / BUNDLE_EVAL at 6 digits: a study's runs in one file that
+    load_runs reads back (instead of a directory per run with a near-identical config.yaml each)."""
+    lines = []
+    for run in runs:
+        recs = read_metrics(run.path / METRICS)
+        keep = {"train": BUNDLE_TRAIN, "eval": BUNDLE_EVAL}
+        out_recs: dict = {"train": [], "eval": []}
+        for rec in recs:
+            if rec["kind"] in keep:
+                out_recs[rec["kind"]].append({k: _small(rec[k]) for k in keep[rec["kind"]] if rec.get(k) is not None})
+        lines.append(json.dumps({"run": run.name, "done": run.done, "config": run.config, **out_recs},
+                                separators=(",", ":")))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def read_bundle(path: Path) -> list[Run]:
+    runs = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RunError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("run"), str):
+            raise RunError(f"{where}: not a bundle line (a JSON object with \"run\", \"config\", \"train\", \"eval\")")
+        run = Run(path=path / item["run"], config=item.get("config") or {}, done=bool(item.get("done")))
+        records = [{**r, "kind": "train"} for r in item.get("train", [])] + \
+                  [{**r, "kind": "eval"} for r in item.get("eval", [])]
+        runs.append(_fill(run, *_parse_records(records, [f"{where} ({item['run']})"] * len(records))))
+    return runs
 
 
 # --- what the CLIs (tools/plot.py, tools/summarize.py) share ------------------------------------
@@ -210,7 +279,10 @@ def load_run(path: str | Path) -> Run:
         raise RunError(f"{path}: no {METRICS} (is this a run directory?)")
     run = Run(path=path, config=_read_config(path / CONFIG), done=(path / "DONE").exists())
     run.lr, run.schedule  # noqa: B018 -- check the config's numbers here, where errors are reported
-    train, evals, betas = _read_metrics(metrics)
+    return _fill(run, *_read_metrics(metrics))
+
+
+def _fill(run: Run, train: list, evals: list, betas: list) -> Run:
     run.train = _columns(train, TRAIN_FIELDS)
     run.eval = _columns(evals, EVAL_FIELDS)
     if "val_ppl" in run.eval:
@@ -243,10 +315,6 @@ def _read_config(path: Path) -> dict:
 
 
 def _read_metrics(path: Path):
-    train: list[dict] = []
-    evals: list[dict] = []
-    betas: list[tuple[int, tuple[list[float], list[list[float]]]]] = []
-    n_layers = None
     try:
         records = read_metrics(path)
     except MetricsFileError as err:
@@ -254,8 +322,15 @@ def _read_metrics(path: Path):
     _note_unfinished(path)
     # read_metrics returns one record per non-blank line, in order: their line numbers for the messages
     linenos = [i for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    for lineno, rec in zip(linenos, records):
-        where = f"{path} line {lineno}"
+    return _parse_records(records, [f"{path} line {n}" for n in linenos])
+
+
+def _parse_records(records: list[dict], wheres: list[str]):
+    train: list[dict] = []
+    evals: list[dict] = []
+    betas: list[tuple[int, tuple[list[float], list[list[float]]]]] = []
+    n_layers = None
+    for where, rec in zip(wheres, records):
         kind = rec["kind"]
         if kind not in ("train", "eval"):
             continue  # other record kinds (e.g. run metadata) are not plotted
