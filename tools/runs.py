@@ -211,7 +211,7 @@ BUNDLE_EVAL = ("step", "tokens", "val_loss")
 
 def _small(value):
     if isinstance(value, float):
-        return float(f"{value:.6g}")
+        return float(f"{value:.7g}")
     if isinstance(value, list):
         return [_small(v) for v in value]
     return value
@@ -219,7 +219,7 @@ def _small(value):
 
 def write_bundle(runs: list[Run], out: Path) -> Path:
     """One JSON line per run: {"run", "done", "config", "train": [...], "eval": [...]} with the records
-    reduced to BUNDLE_TRAIN / BUNDLE_EVAL at 6 digits: a study's runs in one file that
+    reduced to BUNDLE_TRAIN / BUNDLE_EVAL at 7 digits (float32): a study's runs in one file that
     load_runs reads back (instead of a directory per run with a near-identical config.yaml each)."""
     lines = []
     for run in runs:
