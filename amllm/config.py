@@ -118,8 +118,9 @@ class OptimConfig:
     eps: float = 1e-8
     lam: float = 0.1
     """AM proximal weight lambda (keeps a floor lam/(1+lam) of memory)."""
-    per_layer: bool = False
-    """AM: one beta per layer (per parameter tensor) instead of one global beta."""
+    per_layer: bool | str = False
+    """AM: false (one global beta) | true (one beta per parameter tensor) | block (one beta per transformer
+    block, the embedding and the head each one: param groups with layer_per_group)."""
     beta_policy: str = "am"
     """AM: am | clip (beta >= beta_min) | restart (beta_max if beta >= restart_threshold else restart_low)."""
     beta_min: float = 0.0
@@ -127,6 +128,9 @@ class OptimConfig:
     restart_low: float = 0.1
     grad_clip: float = 1.0
     """Global-norm gradient clipping (0 disables)."""
+    beta_terms: bool = False
+    """AM-AdamW: also log per step the terms beta is computed from (|d|/|g|, cos(d, g), the lambda term; one
+    more pass over g, d, v). Ignored by the other optimizers, so one recipe can run every arm."""
     impl: str = "auto"
     """Kernel path: auto | foreach | forloop | fused (torch AdamW fused; AM: C++ kernels on CPU, the multi-tensor
     Triton kernels on CUDA) | triton (AM only: the Triton kernels forced, also on CPU under TRITON_INTERPRET=1)."""
@@ -140,6 +144,8 @@ class OptimConfig:
         _positive("optim.eps", self.eps)
         _positive("optim.lam", self.lam, allow_zero=True)
         _one_of("optim.beta_policy", self.beta_policy, ("am", "clip", "restart"))
+        _check(self.per_layer in (False, True, "block"), f"optim.per_layer={self.per_layer!r} must be false, "
+                                                         f"true (one beta per tensor) or block (one per block)")
         for key in ("beta_min", "restart_threshold", "restart_low"):
             v = getattr(self, key)
             _check(0.0 <= v <= 1.0, f"optim.{key}={v!r} must be in [0, 1]")
@@ -366,6 +372,9 @@ def _resolve_type(tp: Any) -> tuple[type, bool]:
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and set(typing.get_args(tp)) == {bool, str}:
+        _check(isinstance(value, (bool, str)), f"{key}={value!r} must be true, false or a name")
+        return value  # the section's __post_init__ says which names
     base, optional = _resolve_type(tp)
     if value is None:
         _check(optional, f"{key} cannot be null; give a {base.__name__}")

@@ -3,7 +3,9 @@
 metrics.jsonl holds one JSON object per line:
 
     {"kind": "train", "step", "tokens", "loss", "lr", "grad_norm", "beta", "beta_min", "beta_max",
-     "betas" (per-layer runs), "beta_fallbacks", "tokens_per_s", "tokens_per_s_per_device", "tflops",
+     "betas" (per-layer runs), "beta_fallbacks", "beta_dg", "beta_cos", "beta_lam" (optim.beta_terms:
+     the terms of β = (1 + lam)/(1 + dg² − 2 dg cos) before the clip; "betas_dg", "betas_cos",
+     "betas_lam" per layer in per-layer runs), "tokens_per_s", "tokens_per_s_per_device", "tflops",
      "tflops_per_device", "mfu", "time"}
     {"kind": "eval", "step", "tokens", "val_loss", "val_ppl", "val_tokens", "time"}
 
@@ -72,6 +74,21 @@ def beta_stats(last_beta: torch.Tensor | None) -> dict:
         return {"beta": None, "beta_min": None, "beta_max": None}
     return {"beta": b.mean().item(), "beta_min": b.min().item(), "beta_max": b.max().item(),
             "betas": [round(x, 6) for x in b.tolist()]}
+
+
+def beta_term_stats(terms: torch.Tensor | None, per_layer: bool) -> dict:
+    """The terms β is computed from (an AM-AdamW's ``last_beta_terms``, ``[L, 3]`` = |d|/|g|,
+    cos(d, g), ℓ): scalars for one global β, 4-digit lists per layer (39 tensors: ~1 kB a line).
+    NaN (a β without gradient) is written as null."""
+    if terms is None:
+        return {}
+    t = terms.detach().double().cpu()
+    cols = [[None if math.isnan(x) else x for x in t[:, k].tolist()] for k in range(3)]
+    names = ("beta_dg", "beta_cos", "beta_lam")
+    if not per_layer:
+        return {name: col[0] for name, col in zip(names, cols)}
+    return {"betas" + name[4:]: [None if x is None else float(f"{x:.4g}") for x in col]
+            for name, col in zip(names, cols)}
 
 
 # Dense peak FLOP/s per GPU from the vendors' data sheets (no sparsity), by the dtype matmuls run in.

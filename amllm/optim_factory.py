@@ -7,11 +7,12 @@ under DeepSpeed ZeRO-1/2, where the client optimizer is stepped once per group.
 
 from __future__ import annotations
 
-from typing import Iterable
+import re
+from typing import Iterable, Optional
 
 import torch
 
-from .config import OptimConfig
+from .config import ConfigError, OptimConfig
 
 
 def _impl_kwargs(cfg: OptimConfig, device: torch.device) -> dict:
@@ -26,10 +27,23 @@ def _impl_kwargs(cfg: OptimConfig, device: torch.device) -> dict:
     return {"fused": True}
 
 
-def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter], device: torch.device
-                    ) -> torch.optim.Optimizer:
+def block_groups(params: list[torch.nn.Parameter], names: dict) -> list[dict]:
+    """optim.per_layer=block: one param group, hence one β (layer_per_group), per transformer block
+    (`...layers.<i>.`); the embedding and the rest (final norm, head) one group each. Every group keeps
+    the optimizer's lr and weight decay, so the update is the per-tensor one but for the β's."""
+    groups: dict[str, list] = {}
+    for p in params:
+        name = names.get(p, "")
+        m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+        groups.setdefault(f"block{m.group(1)}" if m else "embed" if "embed" in name else "head", []).append(p)
+    return [{"params": ps, "name": k, "layer_per_group": True} for k, ps in groups.items()]
+
+
+def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter], device: torch.device,
+                    names: Optional[dict] = None) -> torch.optim.Optimizer:
     """The AM optimizers take no reducer here: DDP needs none, FSDP2's DTensor parameters reduce over
-    their mesh, and DeepSpeed's adapter builds its own inner optimizer with the data-parallel group."""
+    their mesh, and DeepSpeed's adapter builds its own inner optimizer with the data-parallel group.
+    ``names`` ({param: name}) is needed by optim.per_layer=block only."""
     params = [p for p in params if p.requires_grad]
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -41,11 +55,19 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter], devi
     from .optim import AMAdamW, AMSGD
 
     # optim.impl's values are the AM optimizers' own impl names (triton: also on CPU under TRITON_INTERPRET=1)
-    am = dict(lam=cfg.lam, per_layer=cfg.per_layer, beta_policy=cfg.beta_policy, beta_min=cfg.beta_min,
+    per_layer = bool(cfg.per_layer)
+    if cfg.per_layer == "block":
+        if names is None:
+            raise ConfigError("optim.per_layer=block needs the parameters' names, which this backend does not "
+                              "pass (DeepSpeed); use optim.per_layer=true, or parallel.backend=ddp|fsdp2")
+        params = block_groups(params, names)
+    am = dict(lam=cfg.lam, per_layer=per_layer, beta_policy=cfg.beta_policy, beta_min=cfg.beta_min,
               restart_threshold=cfg.restart_threshold, restart_low=cfg.restart_low, impl=cfg.impl)
     if cfg.name == "am_adamw":
-        return AMAdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                       weight_decay=cfg.weight_decay, **am)
+        opt = AMAdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                      weight_decay=cfg.weight_decay, **am)
+        opt.beta_terms = cfg.beta_terms
+        return opt
     return AMSGD(params, lr=cfg.lr, beta_max=cfg.beta1, weight_decay=cfg.weight_decay, **am)
 
 

@@ -23,7 +23,7 @@ from .config import Config
 from .data import BatchSampler, DataError, load_shards, load_tokenizer, prepare, shard_dir, val_batches
 from .debug import sync_report
 from .evaluate import evaluate
-from .metrics import beta_stats
+from .metrics import beta_stats, beta_term_stats
 from .model import config_fingerprint
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "stopped early, checkpoint written, run again to resume"
@@ -101,8 +101,12 @@ class Cadence:
 
 def beta_fields(optimizer) -> dict:
     """The β telemetry of a train line: β (mean, min, max; per layer in per-layer runs), and how many
-    layer-steps hit the C <= 0 fallback (AM optimizers; nothing for torch's)."""
-    rec = beta_stats(getattr(optimizer, "last_beta", None))
+    layer-steps hit the C <= 0 fallback (AM optimizers; nothing for torch's), and with optim.beta_terms
+    the terms β is computed from. Called on logging steps only: the host reads happen here."""
+    last_beta = getattr(optimizer, "last_beta", None)
+    rec = beta_stats(last_beta)
+    rec.update(beta_term_stats(getattr(optimizer, "last_beta_terms", None),
+                               per_layer=last_beta is not None and last_beta.ndim == 1))
     fallbacks = getattr(optimizer, "fallback_count", None)
     if fallbacks is not None:
         rec["beta_fallbacks"] = int(fallbacks.item())

@@ -38,7 +38,7 @@ def test_recipe_base_inheritance_and_round_trip(tmp_path):
     (["optim.beta1=1.0"], r"optim.beta1=1.0 must be in \[0, 1\)"),
     (["train.batch_size=2.5"], r"train.batch_size=2.5 must be an integer"),
     (["train.precision=fp16"], r"train.precision='fp16' is not valid"),
-    (["optim.per_layer=maybe"], r"optim.per_layer='maybe' must be true or false"),
+    (["optim.per_layer=maybe"], r"optim.per_layer='maybe' must be false, true \(one beta per tensor\) or block"),
     (["optim.name=adamw", "optim.per_layer=true"], r"optim.per_layer applies to am_adamw/am_sgd only"),
     (["data.source=c4_local"], r"data.source=c4_local needs data.path=DIR"),
     (["parallel.backend=deepspeed"], r"needs parallel.deepspeed_config="),

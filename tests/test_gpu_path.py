@@ -144,6 +144,23 @@ def test_quiet_steps_make_no_host_read_one_process(train_overrides, tmp_path, mo
             assert _triton.launches >= launches + 3 * 7, optim  # AM-SGD: no sums on its first step
 
 
+def test_beta_terms_make_no_host_read_on_quiet_steps(train_overrides, tmp_path, monkeypatch):
+    """optim.beta_terms computes its sums on every step but reads them only on logging steps: quiet
+    steps under sync_debug stay free of host reads, and the logged lines carry the terms. (Triton: the
+    foreach path reads its skip flag on the host, with or without the terms.)"""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for extra in ({}, {"optim.per_layer": "block"}):
+        run = tmp_path / f"terms{len(extra)}"
+        over = quiet(train_overrides, run, **{"optim.name": "am_adamw", "optim.impl": "triton",
+                                              "optim.beta_terms": "true", **extra})
+        assert train.main(over) == 0, extra
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        logged = [r for r in lines if r.get("kind") == "train"]
+        assert [r["step"] for r in logged] == [4, 8]
+        key = "betas_dg" if extra else "beta_dg"
+        assert all(r[key] is not None for r in logged), (extra, logged[-1])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
 def test_quiet_steps_make_no_host_read_two_ranks(train_overrides, tmp_path, backend):

@@ -1,4 +1,4 @@
-"""Results tools (tools/plot.py, tools/summarize.py, amllm/runs.py) on synthetic run directories."""
+"""Results tools (tools/plot.py, tools/summarize.py, tools/runs.py) on synthetic run directories."""
 
 import json
 import math
@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import yaml
+
+from tools import plot, summarize
+from tools.runs import RunError, load_run, load_runs
 
 matplotlib.use("Agg")
-import matplotlib.image as mpimg  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import yaml  # noqa: E402
-
-from amllm.runs import RunError, load_run, load_runs  # noqa: E402
-from tools import plot, summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_LAYERS = 4
@@ -166,8 +166,8 @@ def test_summary_tables(runs_root):
 
 
 def cli(tool, *args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / tool), *map(str, args)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", f"tools.{tool.removesuffix('.py')}", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
 def test_cli_end_to_end(runs_root, tmp_path):
@@ -214,3 +214,20 @@ def test_bad_config_number(tmp_path):
     (run / "config.yaml").write_text("optim: {name: adamw, lr: fast}\n")
     res = cli("summarize.py", run)
     assert (res.returncode, res.stderr) == (2, f"error: {run / 'config.yaml'}: optim.lr is 'fast', not a number\n")
+
+
+def test_bundle_reads_back_like_the_run_directories(runs_root, tmp_path):
+    """One compact file for many runs (summarize --bundle): the tools read the same numbers from it."""
+    runs = load_runs([str(runs_root)])
+    bundle = tmp_path / "b.jsonl"
+    assert summarize.main([str(runs_root), "--bundle", str(bundle)]) == 0
+    assert len(bundle.read_text().splitlines()) == len(runs)
+    back = {r.name: r for r in load_runs([str(bundle)])}
+    for run in runs:
+        other = back[run.name]
+        assert other.config == run.config and other.done == run.done
+        assert other.final_eval() == pytest.approx(run.final_eval(), rel=1e-5, nan_ok=True)
+        np.testing.assert_allclose(other.train["loss"], run.train["loss"], rtol=1e-5)
+        if run.betas is not None:
+            np.testing.assert_allclose(other.betas, run.betas, rtol=1e-5)
+    assert [r.name for r in load_runs([f"{bundle}#am_*"])] == sorted(n for n in back if n.startswith("am_"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from amllm.runs import load_run, load_runs
+from tools.runs import load_run, load_runs
 from tools import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +35,16 @@ def test_t_quantiles_match_the_table():
     assert summarize.t_quantile(0.025, 9) == pytest.approx(-2.2622, abs=1e-4)
     assert summarize.t_cdf(0.0, 7) == pytest.approx(0.5)
     assert summarize.t_cdf(1.5, 4) == pytest.approx(t4_cdf(1.5), abs=1e-12)
+
+
+def test_binomial_tail_and_detectable_effect_by_hand():
+    # P(X >= 2), X ~ Bin(3, 1/2) = (3 + 1)/8; P(X >= 0) = 1; P(X >= 1), Bin(2, 0.3) = 1 - 0.49
+    assert summarize.binom_tail(2, 3, 0.5) == pytest.approx(0.5)
+    assert summarize.binom_tail(0, 4, 0.2) == pytest.approx(1.0)
+    assert summarize.binom_tail(1, 2, 0.3) == pytest.approx(0.51)
+    # 10 seeds, sd 0.031: (t_.975,9 = 2.2622 + t_.80,9 = 0.8834) * 0.031 / sqrt(10) from printed tables
+    assert summarize.detectable(0.031, 10) == pytest.approx((2.2622 + 0.8834) * 0.031 / math.sqrt(10), abs=2e-5)
+    assert math.isnan(summarize.detectable(0.031, 1))
 
 
 def test_paired_stats_by_hand():
@@ -119,15 +129,17 @@ def test_speedup_by_hand(study_root):
 
 def test_study_tables_end_to_end(study_root, tmp_path):
     out = tmp_path / "results.md"
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "summarize.py"), str(study_root), "--study",
-                          "--out", str(out)], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-m", "tools.summarize", str(study_root), "--study",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     text = out.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| `am_adamw-nowarmup` − `adamw-nowarmup`"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     # seed-mean curves: TREAT's mean curve is mean(BASE) + (0.6, 0.2, mean(DIFFS)) = 4.66, 4.26, 4.01
     # at steps 20, 40, 60; BASE's mean final 4.06 is reached at 40 + 20 * 0.2 / 0.25 = 56; 60 / 56
-    assert cells[1:] == ["5", "-0.0500", "[-0.1069, +0.0069]", "0.071", "4/5", "55.1 (4/5 seeds)", "1.090×",
+    # detectable at 80% power: (t_.975,4 = 2.7764 + t_.80,4 = 0.9410, printed tables) * sd / sqrt(5)
+    assert cells[1:] == ["5", "-0.0500", "[-0.1069, +0.0069]", "0.071", "4/5", "0.0458",
+                         f"{(2.7764 + 0.9410) * 0.0458258 / math.sqrt(5):.4f}", "55.1 (4/5 seeds)", "1.090×",
                          f"56.0 ({60 / 56:.3f}×)"]
     arm = next(line for line in text.splitlines() if line.startswith("| `am_adamw-nowarmup` |"))
     cells = [c.strip() for c in arm.strip("|").split("|")]
@@ -140,8 +152,8 @@ def test_study_tables_end_to_end(study_root, tmp_path):
     assert cells[7] == f"{(59 * 0.9 + 0.8) / 60:.3f}"  # mean β over the 60 steps
     # a pair of arms without runs is left out, an arm pair given on the command line is used
     assert "am_adamw-warmup" not in text
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "summarize.py"), str(study_root), "--study",
-                          "--pair", "adamw-nowarmup:am_adamw-nowarmup"], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-m", "tools.summarize", str(study_root), "--study",
+                          "--pair", "adamw-nowarmup:am_adamw-nowarmup"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "| `adamw-nowarmup` − `am_adamw-nowarmup` | 5 | +0.0500 | [-0.0069, +0.1069] | 0.071 | 1/5 |" in res.stdout
 
 

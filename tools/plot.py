@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Plot loss, momentum β and learning rate of training runs.
 
-    python tools/plot.py runs/a runs/b ... --out figs [--smooth N]
-    python tools/plot.py runs --out figs          # every run directory inside runs/
+    python -m tools.plot runs/a runs/b ... --out figs [--smooth N]
+    python -m tools.plot runs --out figs          # every run directory inside runs/
 
 Writes loss.png (the paper's Fig. 5 layout: validation and smoothed training loss against
 tokens), beta.png, beta_layers_<run>.png (per-layer runs: one heatmap per setting, its first
@@ -19,17 +19,15 @@ import warnings
 from functools import reduce
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a checkout, uninstalled
-
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from tools.runs import Run, load_runs_or_report, runs_parser
 
-from amllm.runs import Run, load_runs_or_report, runs_parser  # noqa: E402
+matplotlib.use("Agg")  # files only; no figure exists yet, so switching after the import is fine
 
 SEED_STYLES = ("-", "--", ":", "-.")
 

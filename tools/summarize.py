@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Markdown tables of validation results of training runs.
 
-    python tools/summarize.py runs/* [--out results.md] [--paper]
-    python tools/summarize.py runs/study_beta --study [--pair TREAT:BASE ...] --out docs/study/results.md
-    python tools/summarize.py runs/study_beta --export docs/study/runs   # compact copies of the runs
+    python -m tools.summarize runs/* [--out results.md] [--paper]
+    python -m tools.summarize runs/study_beta --study [--pair TREAT:BASE ...] --out docs/study/results.md
+    python -m tools.summarize runs/study_beta --export docs/study/runs   # compact copies of the runs
+    python -m tools.summarize runs/study_warmup --bundle docs/study/warmup.jsonl   # the same, one file
+    python -m tools.summarize docs/study/warmup.jsonl --study       # a bundle reads like run directories
 
 Table 1: final and best validation loss / perplexity per run. Table 2, the paper's layout:
 rows model x schedule, columns AdamW | AM-AdamW | Clip | Restart, cells the mean final
@@ -26,12 +28,10 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a checkout, uninstalled
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from amllm.runs import (  # noqa: E402
-    PAPER_METHODS, PAPER_VAL_LOSS, Run, format_lr, load_runs_or_report, natural_key, runs_parser)
+from tools.runs import (
+    PAPER_METHODS, PAPER_VAL_LOSS, Run, format_lr, load_runs_or_report, natural_key, runs_parser, write_bundle)
 
 MISSING = "—"
 SCHEDULES = ("warmup", "no warmup")
@@ -219,6 +219,18 @@ def t_quantile(p: float, df: float) -> float:
     return 0.5 * (lo + hi)
 
 
+def binom_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): how often dips placed at random would land near a spike k times."""
+    return float(sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1)))
+
+
+def detectable(sd: float, n: int, power: float = 0.8) -> float:
+    """The paired difference n seeds detect with this power (two-sided 5%): (t_.975 + t_power) sd / sqrt(n)."""
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    return (t_quantile(0.975, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
+
+
 def paired_stats(base: dict, treat: dict) -> dict | None:
     """TREAT - BASE over the seeds both have (finite values only). Keys: seeds, n, diffs, mean, sd,
     lo, hi (95% paired-t interval), p (two-sided), wins (TREAT lower), excluded (non-finite seeds)."""
@@ -329,6 +341,56 @@ def beta_stats(run: Run) -> dict | None:
             "spikes": int(rise.sum())}
 
 
+DIP_RULE = 1 / 9  # β < β_max = 0.9 ⇔ a² − 2ac > 1/9 when ℓ = 0 (docs/study.md)
+
+
+def _term_rows(run: Run):
+    """(β, a, c, ℓ) for every step (global β) or every step and layer (per-layer), steps >= 2 (d = 0
+    before), where the run logged the terms."""
+    if run.layer_terms is not None and np.isfinite(run.layer_terms).any():
+        keep = run.beta_steps >= 2
+        b, t = run.betas[keep], run.layer_terms[keep]
+        return np.stack([b.ravel(), t[:, 0].ravel(), t[:, 1].ravel(), t[:, 2].ravel()], 1)
+    tr = run.train
+    if "beta_dg" not in tr or not np.isfinite(tr["beta_dg"]).any():
+        return None
+    keep = tr["step"] >= 2
+    return np.stack([tr["beta"][keep], tr["beta_dg"][keep], tr["beta_cos"][keep], tr["beta_lam"][keep]], 1)
+
+
+def beta_terms_table(arms: dict) -> str:
+    """Why β dips, from the logged terms (optim.beta_terms): β = (1 + ℓ)/(1 + a² − 2ac) clipped."""
+    rows = []
+    for arm, by_seed in sorted(arms.items()):
+        parts = [x for x in (_term_rows(r) for r in by_seed.values()) if x is not None]
+        if not parts:
+            continue
+        x = np.concatenate(parts)
+        x = x[np.isfinite(x).all(1)]
+        beta, a, c, ell = x.T
+        beta_max = float(next(iter(by_seed.values())).cfg("optim.beta1", 0.9))
+        closed = np.clip((1 + ell) / (1 + a * a - 2 * a * c), 0, beta_max)
+        dip = beta < beta_max - DIP
+        rule = a * a - 2 * a * c > DIP_RULE
+        cell = (lambda v: f"{np.median(v):.3f}" if len(v) else MISSING)
+        rows.append([f"`{arm}`", str(len(parts)), str(len(x)), f"{np.abs(closed - beta).max():.1e}",
+                     str(int(dip.sum())), cell(a[dip]), cell(c[dip]), cell(ell[dip]),
+                     f"{int((c[dip] < 0).sum())}/{int(dip.sum())}",
+                     f"{int((rule & dip).sum())}/{int(dip.sum())}", f"{int((rule & ~dip).sum())}/{int((~dip).sum())}",
+                     cell(a[~dip]), cell(c[~dip])])
+    if not rows:
+        return ""
+    return "\n".join(["## Why β dips (optim.beta_terms)", "", markdown(
+        ["arm", "seeds", "β's (steps × layers, step ≥ 2)", "max abs(closed form − logged β)", "dips",
+         "median ‖d‖/‖g‖ at dips", "median cos(d, g) at dips", "median ℓ at dips", "dips with cos < 0",
+         "dips with a² − 2ac > 1/9", "non-dips with a² − 2ac > 1/9", "median ‖d‖/‖g‖ elsewhere",
+         "median cos elsewhere"], rows), "",
+        "a = ‖d‖/‖g‖, c = cos(d, g) in the w-weighted inner product, ℓ the rest of the numerator (λ, lr ratio, "
+        "weight decay); β = clip((1 + ℓ)/(1 + a² − 2ac), 0, β_max), so with ℓ ≈ 0 β < 0.9 exactly when "
+        f"a² − 2ac > 1/9. A dip: β < β_max − {DIP:g} (so a few steps with β just under 0.9 satisfy the rule "
+        "without being dips).", ""])
+
+
 def _ci(stats: dict, digits: int = 4) -> str:
     if stats["n"] < 2:
         return MISSING
@@ -354,8 +416,9 @@ def study_tables(runs: list[Run], pairs=DEFAULT_PAIRS) -> str:
             below = np.array([s["below"] / s["steps"] for s in bs])
             dips, after = sum(s["dips"] for s in bs), sum(s["dips_after_spike"] for s in bs)
             near = float(np.mean([s["near_rate"] for s in bs]))
+            p_near = binom_tail(after, dips, near) if dips else math.nan
             beta_cells = [f"{mins.min():.3f} / {np.median(mins):.3f} / {mins.max():.3f}",
-                          f"{100 * below.mean():.1f}%", f"{dips}", f"{after}/{dips} (base rate {100 * near:.0f}%)",
+                          f"{100 * below.mean():.1f}%", f"{dips}", f"{after}/{dips} (base rate {100 * near:.0f}%, p {num(p_near, 2)})",
                           f"{np.mean([s['mean'] for s in bs]):.3f}"]
         else:
             beta_cells = [MISSING] * 5
@@ -367,7 +430,8 @@ def study_tables(runs: list[Run], pairs=DEFAULT_PAIRS) -> str:
     parts += ["", f"β is the global β, or the smallest layer's β for per-layer runs; β < β_max means below "
               f"β_max - {BETA_TOL:g}; a dip is β < β_max - {DIP:g}; a loss spike is a training loss above the "
               f"previous step's by more than {SPIKE:g} nats. Base rate: the share of steps that lie within 2 "
-              "steps after a spike, i.e. what a dip placed at random would score. Mean β: over steps and "
+              "steps after a spike, i.e. what a dip placed at random would score; p: the chance of at least that many "
+              "dips near a spike if dips fell at random (binomial at the base rate). Mean β: over steps and "
               "seeds (per-layer runs: of the layers' mean).", ""]
     parts += ["## Paired comparisons", ""]
     rows = []
@@ -389,20 +453,23 @@ def study_tables(runs: list[Run], pairs=DEFAULT_PAIRS) -> str:
         m_reach, m_ratio = mean_curve_speedup(arms[base], arms[treat])
         mean_cell = f"{m_reach:.1f} ({m_ratio:.3f}×)" if m_reach else "not reached"
         rows.append([f"`{treat}` − `{base}`", f"{st['n']}{note}", f"{st['mean']:+.4f}", _ci(st),
-                     "<0.001" if st["p"] < 1e-3 else num(st["p"], 3), f"{st['wins']}/{st['n']}", reach, ratio,
-                     mean_cell])
+                     "<0.001" if st["p"] < 1e-3 else num(st["p"], 3), f"{st['wins']}/{st['n']}",
+                     num(st["sd"], 4), num(detectable(st["sd"], st["n"]), 4), reach, ratio, mean_cell])
     if rows:
         parts.append(markdown(["TREAT − BASE", "seeds", "mean Δ final val loss", "95% CI (paired t)",
-                               "p", "TREAT wins", "steps for TREAT to reach BASE's final loss",
+                               "p", "TREAT wins", "paired sd", "detectable at 80% power",
+                               "steps for TREAT to reach BASE's final loss",
                                "speedup (BASE steps / that)", "same on the seed-mean curves"], rows))
         parts += ["", "Δ < 0: TREAT ends lower. Pairs share the seed (model init and data order). Steps to "
                   "reach: linear interpolation between TREAT's evaluations, mean over the seeds that reach "
                   "BASE's final loss; speedup: BASE's final step divided by it, mean over those seeds (so it "
                   "leaves out "
                   "the seeds that never get there). Seed-mean curves: TREAT's validation curve averaged over the "
-                  "seeds, against BASE's mean final loss; steps (speedup).", ""]
+                  "seeds, against BASE's mean final loss; steps (speedup). Detectable: the |Δ| these seeds find "
+                  "with 80% power at this paired sd, (t_0.975 + t_0.8) sd / sqrt(n).", ""]
     else:
         parts += ["No pair of arms with common seeds.", ""]
+    parts += [beta_terms_table(arms)]
     return "\n".join(parts)
 
 
@@ -473,12 +540,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="a pair of arms to compare (repeatable; default: DEFAULT_PAIRS)")
     parser.add_argument("--export", type=Path, metavar="DIR",
                         help="write compact copies of the runs (config, DONE, metrics) into DIR and stop")
+    parser.add_argument("--bundle", type=Path, metavar="FILE.jsonl",
+                        help="write the runs into one compact file (one line per run) that the tools read back, "
+                             "and stop")
     args = parser.parse_args(argv)
     runs = load_runs_or_report(args.runs)
     if runs is None:
         return 2
     if args.export:
         print(f"wrote {len(export_runs(runs, args.export))} runs into {args.export}")
+        return 0
+    if args.bundle:
+        print(f"wrote {len(runs)} runs into {write_bundle(runs, args.bundle)}")
         return 0
     pairs = DEFAULT_PAIRS
     if args.pair:

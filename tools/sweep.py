@@ -52,11 +52,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 import yaml
 
 from amllm.config import ConfigError, load_config, parse_override
+from tools.runs import format_lr
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PREEMPTED_EXIT = 75  # train.py's "stopped early, checkpoint written"
 # Keys that exist only for the AM optimizers: an axis over them does not multiply adamw / sgd runs.
@@ -80,17 +81,11 @@ class Point:
 
 
 # ---- the grid --------------------------------------------------------------------------------------
-def fmt_lr(lr: float) -> str:
-    """1e-3, 3e-3, 1.5e-3: as the paper writes learning rates; safe in a directory name."""
-    mantissa, exp = f"{lr:.2e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
-
-
 def _value_name(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
-        return fmt_lr(value) if value and abs(value) < 1e-2 else f"{value:g}"
+        return format_lr(value) if value and abs(value) < 1e-2 else f"{value:g}"
     return str(value).replace("/", "_")
 
 
@@ -169,7 +164,7 @@ def build_grid(spec: dict) -> list[Point]:
         w = cfg.schedule.warmup_steps
         name.append(("warmup" + (str(w) if len(nonzero_warmups) > 1 else "")) if w > 0 else "nowarmup")
         if lr is not None:
-            name.append(f"lr{fmt_lr(cfg.optim.lr)}")
+            name.append(f"lr{format_lr(cfg.optim.lr)}")
         for key, value in zip(axes, axis_values):
             if key in AM_ONLY and not am:
                 continue  # adamw has no β policy: one run stands for all of this axis' values

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ._base import AMOptimizerBase, _check, eager_step, refuse, signed_grads, validate_common
-from .functional import ADAMW_IMPLS, AdamWGroup, am_adamw
+from .functional import ADAMW_IMPLS, AdamWGroup, adamw_beta_sums, am_adamw, beta_terms
 from .reduce import local
 
 
@@ -85,7 +85,11 @@ class AMAdamW(AMOptimizerBase):
     ``fallback_count`` (0-d int64 tensor), ``last_sums`` ([L, 5] = A, B, C, D, count),
     ``found_inf`` (set by the caller before ``step()``: a 0-d tensor, nonzero skips the whole
     step, as GradScaler's; the reducer is still called), ``skip_nonfinite``,
-    ``last_skipped`` (0-d bool tensor on device). A skipped step changes nothing but the
+    ``last_skipped`` (0-d bool tensor on device), ``beta_terms`` (bool, default False: also
+    compute per step why β is what it is, at the cost of one more pass over g, d, v and, sharded,
+    one more all-reduce of ``[L, 4]``) and then ``last_beta_terms`` (``[L, 3]`` on device:
+    a = |d|/|g|, c = cos(d, g) in the w-weighted inner product and ℓ, the rest of the numerator;
+    β_AM = (1 + ℓ)/(1 + a² − 2ac) before the clip: ``functional.adamw_beta_sums``). A skipped step changes nothing but the
     group's stored previous lr (see docs/optimizer.md).
 
     State: per param ``step`` (0-d float32 tensor on the parameter's device), ``exp_avg`` (d) and
@@ -135,6 +139,8 @@ class AMAdamW(AMOptimizerBase):
                         maximize=bool(maximize))
         super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused,
                          skip_nonfinite=skip_nonfinite, impl=impl)
+        self.beta_terms = False
+        self.last_beta_terms = None
 
     def _beta_max(self, group: dict) -> float:
         return group["betas"][0]
@@ -182,8 +188,13 @@ class AMAdamW(AMOptimizerBase):
             g.grads = signed_grads(g.grads, group)
             steps += g.steps
             groups.append(g)
+        if self.beta_terms:  # before the step: it overwrites d and v
+            sums = adamw_beta_sums(groups, self._get_beta_state(), self._beta_config().beta_max)
+            sums = reduce(sums) if reduce is not None else sums
         self._beta_state, self.last_sums, skip = am_adamw(
             groups, self._get_beta_state(), self._beta_config(), reduce=reduce, impl=self._resolved_impl(),
             force_beta=self._force_beta, found_inf=self.found_inf, skip_nonfinite=self.skip_nonfinite)
+        if self.beta_terms:
+            self.last_beta_terms = beta_terms(sums, self.last_sums)
         self._record_skip(skip, steps)
         return loss

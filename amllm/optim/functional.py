@@ -519,6 +519,47 @@ def am_adamw(
     return _run(groups, state, cfg, 4, stats, num_den, apply, reduce, force_beta, found_inf, skip_nonfinite)
 
 
+def adamw_beta_sums(groups: list[AdamWGroup], state: BetaState, beta_max: float) -> Tensor:
+    """The sums that say why β is what it is: ``[L, 4]`` = Σ w g², Σ w g·d, Σ w d², count per β.
+
+    Computed before the step (d is the momentum the step starts from) with the step's own p and w,
+    by the spec's lines one tensor at a time: an extra pass over g, d and v, so it is opt-in
+    (``AMAdamW.beta_terms``). In the w-weighted inner product, C = Σ w d² − 2 Σ w g·d + Σ w g²
+    exactly, so with a = |d|/|g|, c = cos(d, g) and ℓ = (A − B − D)/Σ w g² − 1 (everything that is
+    not Σ w g² in β's numerator: the λ terms, and the lr-ratio and weight-decay ones),
+    β_AM = (1 + ℓ) / (1 + a² − 2ac) before the clip (``beta_terms``). All on device.
+    """
+    n_layers = state.pi.numel()
+    c1 = 1 - beta_max * state.pi
+    out = torch.zeros(n_layers, 4, dtype=state.pi.dtype, device=state.pi.device)
+    for grp in groups:
+        if not grp.params:
+            continue
+        weights = grp.weights or [1.0] * len(grp.params)
+        isc2 = _isc2(grp, list(range(len(grp.params)))).to(c1.dtype)
+        for i, layer in enumerate(grp.layers):
+            G, Dm = _up(grp.grads[i]).to(c1.dtype), _up(grp.exp_avgs[i]).to(c1.dtype)
+            V = _up(grp.exp_avg_sqs[i]).to(c1.dtype) * grp.beta2 + (1 - grp.beta2) * G * G
+            p = at_layer(c1, layer) * (torch.sqrt(V) * isc2[i] + grp.eps)
+            w = 1 / (p * (1 + grp.lam * p))
+            wg = w * G
+            part = _layer_sums([wg * G, wg * Dm, w * Dm * Dm], layer, n_layers, weights[i])
+            out = out + part.to(out.device, out.dtype)
+    return out
+
+
+def beta_terms(sums: Tensor, packed: Tensor) -> Tensor:
+    """``[L, 3]`` = a = |d|/|g|, c = cos(d, g), ℓ from ``adamw_beta_sums`` (after the reduce) and the
+    step's packed A, B, C, D (see there). c is 0 where d = 0 (the first step); a, c, ℓ are NaN where
+    g = 0 on a whole β (no gradient: nothing to explain). No host read."""
+    gg, gd, dd = sums[:, 0], sums[:, 1], sums[:, 2]
+    a = torch.sqrt(dd / gg)
+    norm = torch.sqrt(dd * gg)
+    c = torch.where(norm > 0, gd / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+    ell = (packed[:, 0] - packed[:, 1] - packed[:, 3]) / gg - 1
+    return torch.stack([a, c, ell], 1)
+
+
 def _run(groups, state, cfg, k, stats, num_den, apply, reduce, force_beta, found_inf, skip_nonfinite):
     """The phase structure shared by both optimizers (see the module docstring)."""
     packed = torch.zeros(state.pi.numel(), k + 1, dtype=state.pi.dtype, device=state.pi.device)
