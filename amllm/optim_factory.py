@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-from .config import OptimConfig
+from .config import ConfigError, OptimConfig
 
 
 def _impl_kwargs(cfg: OptimConfig, device: torch.device) -> dict:
@@ -26,11 +26,17 @@ def _impl_kwargs(cfg: OptimConfig, device: torch.device) -> dict:
     return {"fused": True}
 
 
-def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter], device: torch.device
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter], device: torch.device,
+                    sr_seed: int = 0) -> torch.optim.Optimizer:
     """The AM optimizers take no reducer here: DDP needs none, FSDP2's DTensor parameters reduce over
-    their mesh, and DeepSpeed's adapter builds its own inner optimizer with the data-parallel group."""
+    their mesh, and DeepSpeed's adapter builds its own inner optimizer with the data-parallel group.
+    ``sr_seed``: the AM optimizers' stochastic-rounding seed (the trainers pass train.seed)."""
     params = [p for p in params if p.requires_grad]
+    if cfg.stochastic_rounding == "true" and cfg.name.startswith("am_"):
+        dtypes = {p.dtype for p in params}
+        if torch.bfloat16 not in dtypes:
+            raise ConfigError(f"optim.stochastic_rounding=true needs bf16 parameters (train.precision=bf16_pure); "
+                             f"these are {sorted(map(str, dtypes))}: use auto or false")
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                  weight_decay=cfg.weight_decay, **_impl_kwargs(cfg, device))
@@ -41,8 +47,11 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter], devi
     from .optim import AMAdamW, AMSGD
 
     # optim.impl's values are the AM optimizers' own impl names (triton: also on CPU under TRITON_INTERPRET=1)
+    # bf16 parameters: moments in cfg.state_dtype, stochastic rounding unless switched off (auto: on exactly for
+    # bf16 parameters, the only ones it affects)
     am = dict(lam=cfg.lam, per_layer=cfg.per_layer, beta_policy=cfg.beta_policy, beta_min=cfg.beta_min,
-              restart_threshold=cfg.restart_threshold, restart_low=cfg.restart_low, impl=cfg.impl)
+              restart_threshold=cfg.restart_threshold, restart_low=cfg.restart_low, impl=cfg.impl,
+              state_dtype=cfg.state_dtype, stochastic_rounding=cfg.stochastic_rounding != "false", sr_seed=sr_seed)
     if cfg.name == "am_adamw":
         return AMAdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                        weight_decay=cfg.weight_decay, **am)
