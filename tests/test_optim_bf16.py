@@ -311,6 +311,18 @@ def test_quiet_bf16_steps_make_no_host_read(cls, triton_device):
     assert all(p.dtype == torch.bfloat16 for p in params)
 
 
+def test_bf16_pure_training_steps_make_no_host_read(train_overrides, tmp_path):
+    """train.precision=bf16_pure with train.sync_debug=true (quiet steps refuse any host read), the
+    Triton impl asked for (the accelerator's), non-finite steps skipped on the device."""
+    import train
+
+    over = train_overrides(tmp_path / "run", **{
+        "train.max_steps": 8, "log.every": 4, "train.check_every": 4, "eval.every": 0, "checkpoint.every": 0,
+        "train.sync_debug": "true", "train.precision": "bf16_pure", "optim.impl": "triton",
+        "train.nonfinite": "skip"})
+    assert train.main(over) == 0
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def _save_load(sd):
