@@ -196,9 +196,10 @@ class TrainConfig:
     precision: str = "fp32"
     """fp32 | bf16 (autocast, fp32 master weights) | bf16_pure: bf16 weights and gradients, no fp32 master copy;
     the AM optimizers keep their moments in fp32 (optim.state_dtype) and write the weights back with stochastic
-    rounding (optim.stochastic_rounding). Memory per parameter: 2 (weight) + 2 (grad) + 8 (AM-AdamW d, v; AM-SGD
-    4) bytes = 12, against fp32's 16 and bf16 autocast's 16 plus bf16 activations; with
-    optim.state_dtype=param (the paper's harness) 8. torch's adamw/sgd keep bf16 state and round to nearest."""
+    rounding (optim.stochastic_rounding). Memory per parameter with AM-AdamW: 2 (weight) + 2 (grad) + 8 (fp32 d, v)
+    = 12 bytes (AM-SGD: 8), against 16 for fp32 and for bf16 autocast (fp32 weights, grads and state; bf16
+    activations); with optim.state_dtype=param (the paper's harness) 8. torch's adamw/sgd keep bf16 state and
+    round to nearest."""
     device: str = "auto"
     """auto (cuda if available, else cpu) | cpu | cuda."""
     seed: int = 0
