@@ -367,6 +367,34 @@ def test_resume_is_bit_exact_with_fp32_state_and_sr(cls):
     assert all(torch.equal(x, y) for x, y in zip(pa, pc))
 
 
+@pytest.mark.slow
+def test_bf16_pure_fsdp2_resume_is_bit_exact(train_overrides, tmp_path):
+    """FSDP2 (one rank through torchrun): DCP saves the fp32 moments as DTensors and am_state with the SR
+    counter; a run stopped after step 4 and resumed ends with the straight run's weights and losses."""
+    import subprocess
+
+    from amllm.metrics import read_metrics
+    from amllm.parallel.full_state import full_model_state
+    from conftest import ROOT
+    from dist_cases import cli_env, train_cli
+
+    kw = {"parallel.backend": "fsdp2", "train.precision": "bf16_pure", "optim.name": "am_adamw"}
+    runs = {}
+    for name, stop in (("straight", None), ("split", "4")):
+        run = tmp_path / name
+        envs = [cli_env(AMLLM_TEST_STOP_AT_STEP=stop), cli_env()] if stop else [cli_env()]
+        for env in envs:  # split: stopped after step 4 (torchrun reports the worker's exit 75 as 1), resumed
+            p = subprocess.run(train_cli("torchrun", 1) + train_overrides(run, **kw), cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)
+            assert p.returncode == 0 or "AMLLM_TEST_STOP_AT_STEP" in env, p.stdout[-2000:] + p.stderr[-3000:]
+            assert (run / "step-4").is_dir() or not stop, p.stderr[-3000:]
+        runs[name] = run
+    a, b = (read_metrics(runs[n], "train") for n in ("straight", "split"))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 6
+    pa, pb = full_model_state(runs["straight"] / "step-6"), full_model_state(runs["split"] / "step-6")
+    assert all(pa[k].dtype == torch.bfloat16 and torch.equal(pa[k], pb[k]) for k in pa)
+
+
 def test_a_bf16_state_dict_loads_into_fp32_state_exactly():
     """A checkpoint of the paper's harness (bf16 d, v) resumes with float32 state: upcast, values equal;
     and one without ``sr_step`` (older versions) starts the SR counter at 0."""

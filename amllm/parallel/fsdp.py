@@ -134,7 +134,9 @@ def load_dcp(path: str | os.PathLike, model: nn.Module, optimizer=None) -> dict:
         state = {"model": model_sd, "optim": optim_sd}
         am = _am_state(optimizer)
         if am is not None and "am_state" in has:
-            state["am_state"] = am  # fresh tensors of the right shapes, filled in place by DCP
+            # fresh tensors of the right shapes, filled in place by DCP; only the keys the checkpoint has
+            # (one saved before a key existed, e.g. sr_step, loads with that key's fresh value)
+            state["am_state"] = {k: v for k, v in am.items() if f"am_state.{k}" in meta}
     if "extra" in has:
         state["extra"] = ""  # replaced by the saved string
     dcp.load(state, checkpoint_id=str(path))
