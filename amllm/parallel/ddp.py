@@ -36,7 +36,8 @@ class DDPBackend(Backend):
     def setup(self, model: torch.nn.Module) -> None:
         self.raw_model = prepare_blocks(model, self.cfg.train)  # AC, then per-block compile, then DDP
         self.model = wrap_ddp(model, self.info)
-        self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device, sr_seed=self.cfg.train.seed)
+        self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device,
+                                         sr_seed=self.cfg.train.seed)
         self._take_names(self.optimizer)
 
     def autocast(self):

@@ -203,7 +203,8 @@ class FSDP2Backend(Backend):
         prepare_blocks(model, self.cfg.train)  # AC, then per-block compile, then fully_shard
         self.raw_model = self.model = apply_fsdp2(model, self.cfg.train.precision,
                                                   reshard_after_forward=self.cfg.parallel.reshard_after_forward)
-        self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device, sr_seed=self.cfg.train.seed)
+        self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device,
+                                         sr_seed=self.cfg.train.seed)
         self._take_names(self.optimizer)
 
     def micro_step(self, last: bool):
