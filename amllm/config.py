@@ -134,6 +134,13 @@ class OptimConfig:
     impl: str = "auto"
     """Kernel path: auto | foreach | forloop | fused (torch AdamW fused; AM: C++ kernels on CPU, the multi-tensor
     Triton kernels on CUDA) | triton (AM only: the Triton kernels forced, also on CPU under TRITON_INTERPRET=1)."""
+    state_dtype: str = "fp32"
+    """AM: dtype of the moments of bf16 parameters (train.precision=bf16_pure): fp32 (default; v decays as in
+    fp32 training, 8 bytes per parameter) | param (bf16, as torch AdamW and the paper's harness: 4 bytes)."""
+    stochastic_rounding: str | bool = "auto"
+    """AM: write bf16 parameters back with stochastic rounding (the update computed in fp32, then rounded
+    unbiasedly): auto (on exactly when the parameters are bf16) | true | false (round to nearest). Seeded by
+    train.seed; see docs/optimizer.md, "Low-precision parameters"."""
 
     def __post_init__(self) -> None:
         _one_of("optim.name", self.name, ("adamw", "am_adamw", "sgd", "am_sgd"))
@@ -151,7 +158,14 @@ class OptimConfig:
             _check(0.0 <= v <= 1.0, f"optim.{key}={v!r} must be in [0, 1]")
         _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
         _one_of("optim.impl", self.impl, ("auto", "foreach", "forloop", "fused", "triton"))
+        _one_of("optim.state_dtype", self.state_dtype, ("fp32", "param"))
+        if isinstance(self.stochastic_rounding, bool):  # YAML's true/false
+            self.stochastic_rounding = "true" if self.stochastic_rounding else "false"
+        _one_of("optim.stochastic_rounding", self.stochastic_rounding, ("auto", "true", "false"))
         if not self.name.startswith("am_"):
+            _check(self.stochastic_rounding != "true",
+                   f"optim.stochastic_rounding=true applies to am_adamw/am_sgd only (torch's {self.name} rounds to "
+                   f"nearest); remove it or set optim.name=am_{self.name}")
             am_only = {"per_layer": False, "beta_policy": "am"}
             for key, default in am_only.items():
                 _check(getattr(self, key) == default,
@@ -186,7 +200,12 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Sequences per rank per forward/backward; gradient accumulation fills the global batch."""
     precision: str = "fp32"
-    """fp32 | bf16 (autocast, fp32 master weights) | bf16_pure (bf16 weights, fp32 optimizer statistics)."""
+    """fp32 | bf16 (autocast, fp32 master weights) | bf16_pure: bf16 weights and gradients, no fp32 master copy;
+    the AM optimizers keep their moments in fp32 (optim.state_dtype) and write the weights back with stochastic
+    rounding (optim.stochastic_rounding). Memory per parameter with AM-AdamW: 2 (weight) + 2 (grad) + 8 (fp32 d, v)
+    = 12 bytes (AM-SGD: 8), against 16 for fp32 and for bf16 autocast (fp32 weights, grads and state; bf16
+    activations); with optim.state_dtype=param (the paper's harness) 8. torch's adamw/sgd keep bf16 state and
+    round to nearest."""
     device: str = "auto"
     """auto (cuda if available, else cpu) | cpu | cuda."""
     seed: int = 0

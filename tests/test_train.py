@@ -29,10 +29,12 @@ def final_params(run: Path, step: int) -> dict:
 
 
 @pytest.mark.compat
-@pytest.mark.parametrize("optim, impl", [("adamw", "auto"), ("am_adamw", "auto"), ("am_adamw", "fused")])
-def test_resume_is_bit_exact(train_overrides, tmp_path, optim, impl):
+@pytest.mark.parametrize("optim, impl, precision", [("adamw", "auto", "fp32"), ("am_adamw", "auto", "fp32"),
+                                                    ("am_adamw", "fused", "fp32"), ("am_adamw", "auto", "bf16_pure")])
+def test_resume_is_bit_exact(train_overrides, tmp_path, optim, impl, precision):
+    """bf16_pure: the fp32 moments of bf16 weights and the stochastic-rounding counter are restored."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    kw = {"optim.name": optim, "optim.impl": impl}
+    kw = {"optim.name": optim, "optim.impl": impl, "train.precision": precision}
     assert train.main(train_overrides(straight, **kw)) == 0
     # a pre-emption after step 4 (between checkpoints, so the stop path itself saves), then resume
     os.environ["AMLLM_TEST_STOP_AT_STEP"] = "4"

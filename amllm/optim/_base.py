@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import rounding
 from .beta import POLICIES, BetaConfig, BetaState
 from .functional import lr_ratio
 from .reduce import is_dtensor, local, resolve_reducer
@@ -21,6 +22,10 @@ from .reduce import is_dtensor, local, resolve_reducer
 # β hyper-parameters are properties of the shared β, hence optimizer-wide.
 _BETA_KEYS = ("beta_policy", "beta_min", "restart_threshold", "restart_low", "per_layer")
 _AM_STATE_KEYS = ("pi", "last_beta", "beta_step", "fallback_count")
+#: Per-parameter moments, kept in ``state_dtype`` (see ``AMOptimizerBase.state_dtype_for``).
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+_LOWP = (torch.bfloat16, torch.float16)
+STATE_DTYPES = ("fp32", "param")
 
 
 #: ``torch.compile(opt.step)`` runs the eager step: Dynamo would trace the host-side
@@ -33,7 +38,9 @@ eager_step = torch._dynamo.disable(
 
 #: Attributes kept by pickling/deepcopy besides torch's, with the value for older pickles.
 _PICKLED = {"_impl": "auto", "reducer": None, "_beta_state": None, "_explicit_layers": None,
-            "_force_beta": None, "found_inf": None, "skip_nonfinite": False, "_last_skipped": None}
+            "_force_beta": None, "found_inf": None, "skip_nonfinite": False, "_last_skipped": None,
+            # pickles from before low-precision options: their behaviour (state in the param dtype, no SR)
+            "state_dtype": "param", "stochastic_rounding": False, "sr_seed": 0, "_sr_step": 0}
 
 
 def _is_process_group(reducer) -> bool:
@@ -95,6 +102,15 @@ def validate_common(lr, beta_max, lam, weight_decay) -> None:
     _check(weight_decay >= 0.0, "weight_decay", weight_decay, ">= 0")
 
 
+def validate_lowp_options(state_dtype, stochastic_rounding, sr_seed) -> None:
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r} (must be one of {STATE_DTYPES})")
+    if not isinstance(stochastic_rounding, bool):
+        raise ValueError(f"Invalid stochastic_rounding: {stochastic_rounding!r} (must be True or False)")
+    if isinstance(sr_seed, bool) or not isinstance(sr_seed, int) or sr_seed < 0:
+        raise ValueError(f"Invalid sr_seed: {sr_seed!r} (must be an int >= 0)")
+
+
 def validate_beta_options(beta_policy, beta_min, restart_threshold, restart_low) -> None:
     if beta_policy not in POLICIES:
         raise ValueError(f"Invalid beta_policy: {beta_policy!r} (must be one of {POLICIES})")
@@ -123,8 +139,18 @@ class AMOptimizerBase(Optimizer):
     IMPLS: tuple = ("auto",)
 
     def __init__(self, params, defaults: dict, reducer=None, foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None, skip_nonfinite: bool = False, impl: Optional[str] = None):
+                 fused: Optional[bool] = None, skip_nonfinite: bool = False, impl: Optional[str] = None,
+                 state_dtype: str = "fp32", stochastic_rounding: bool = True, sr_seed: int = 0):
         validate_beta_options(*(defaults[k] for k in _BETA_KEYS[:4]))
+        validate_lowp_options(state_dtype, stochastic_rounding, sr_seed)
+        #: Low-precision parameters (see "Low-precision parameters" in docs/optimizer.md):
+        #: ``state_dtype`` "fp32" keeps the moments of bf16/fp16 parameters in float32 ("param":
+        #: in the parameter dtype, as torch AdamW); ``stochastic_rounding`` writes bf16
+        #: parameters back with SR keyed by (``sr_seed``, the SR step counter, tensor index).
+        self.state_dtype = state_dtype
+        self.stochastic_rounding = stochastic_rounding
+        self.sr_seed = sr_seed
+        self._sr_step = 0  # steps taken (skipped ones too): the counter of the SR keys, checkpointed
         if foreach not in (None, True, False):
             raise ValueError(f"Invalid foreach: {foreach!r} (must be None, True or False)")
         if fused not in (None, True, False):
@@ -222,6 +248,43 @@ class AMOptimizerBase(Optimizer):
 
     def _upgrade_group(self, group: dict) -> None:
         """Rename keys of older group dicts in place (subclasses)."""
+
+    # -- low-precision parameters ---------------------------------------------------------
+    def state_dtype_for(self, p: Tensor) -> torch.dtype:
+        """The dtype of ``p``'s moments: float32 for a bf16/fp16 parameter under
+        ``state_dtype="fp32"``, else the parameter's own."""
+        dtype = local(p).dtype
+        return torch.float32 if self.state_dtype == "fp32" and dtype in _LOWP else dtype
+
+    def _new_moment(self, p: Tensor) -> Tensor:
+        return torch.zeros_like(p, dtype=self.state_dtype_for(p), memory_format=torch.preserve_format)
+
+    def _next_sr_step(self) -> int:
+        """This step's value of the SR counter (host integer; counts every ``step()`` call)."""
+        step = self._sr_step
+        self._sr_step += 1
+        return step
+
+    def _sr_key(self, p: Tensor, sr_step: int, index: int) -> Optional[int]:
+        """The SR key of parameter number ``index`` (over all groups) on this step; None: round
+        to nearest (SR off, or not a bf16 parameter)."""
+        if not self.stochastic_rounding or local(p).dtype != torch.bfloat16:
+            return None
+        return rounding.tensor_key(self.sr_seed, sr_step, index)
+
+    def _restore_moments(self, state_dict: dict) -> None:
+        """torch's ``load_state_dict`` casts every floating state tensor to its parameter's dtype,
+        which would round float32 moments of bf16 parameters to bf16: take them again from the
+        saved dict, in ``state_dtype_for`` (an older bf16 state is upcast exactly)."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for sid, p in zip(saved_ids, params):
+            saved, st = state_dict["state"].get(sid), self.state.get(p)
+            if not saved or not st or self.state_dtype_for(p) == local(p).dtype:
+                continue
+            for k in _MOMENT_KEYS:
+                if isinstance(saved.get(k), Tensor) and k in st:
+                    st[k] = saved[k].to(device=st[k].device, dtype=self.state_dtype_for(p), copy=True)
 
     def _beta_max(self, group: dict) -> float:
         raise NotImplementedError
@@ -432,7 +495,7 @@ class AMOptimizerBase(Optimizer):
 
     # -- checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict:
-        """torch's dict plus ``"am_state"``: {pi, last_beta, beta_step, fallback_count}, and
+        """torch's dict plus ``"am_state"``: {pi, last_beta, beta_step, fallback_count, sr_step}, and
         ``"am_optimizer"``: the class name (tells a foreign dict from ours on load).
 
         All entries are tensors or Python scalars/strings (``torch.load(weights_only=True)``
@@ -440,6 +503,7 @@ class AMOptimizerBase(Optimizer):
         """
         sd = super().state_dict()
         sd["am_state"] = {k: v.detach().clone() for k, v in self._get_beta_state().to_dict().items()}
+        sd["am_state"]["sr_step"] = torch.tensor(self._sr_step, dtype=torch.int64)
         sd["am_optimizer"] = self._name
         return sd
 
@@ -488,11 +552,14 @@ class AMOptimizerBase(Optimizer):
                 note = (f"{self._name} state dict without am_state (saved by an older version): "
                         f"the β state starts fresh (first-step rule, π = 1)")
         super().load_state_dict(state_dict)
+        self._restore_moments(state_dict)
         if note:
             warnings.warn(note, UserWarning, stacklevel=2)
         fresh = BetaState.fresh(self._layers()[1], self._current_beta_max(),
                                 *self._stats_device_dtype())
         am = dict(am or {})
+        sr_step = am.pop("sr_step", None)  # absent in dicts saved before stochastic rounding: 0
+        self._sr_step = 0 if sr_step is None else int(sr_step)
         for k in _AM_STATE_KEYS:
             am.setdefault(k, getattr(fresh, k))
         ref = fresh.to_dict()

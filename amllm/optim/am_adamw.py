@@ -74,6 +74,20 @@ class AMAdamW(AMOptimizerBase):
             "foreach", "fused", or one fused path forced where it can run: "cpp",
             "compiled" (the torch.compile'd kernels), "triton" (on CPU tensors under
             ``TRITON_INTERPRET=1``). Also the ``impl`` attribute (settable, validated).
+        state_dtype: "fp32" (default): d and v of bf16/fp16 parameters are float32 (8 bytes
+            per parameter instead of 4); "param": the parameter dtype, as torch AdamW (a bf16 v
+            at 1.0 does not decay under β2 = 0.999: 0.999 rounds to 1 in bf16's 8 bits).
+        stochastic_rounding: write bf16 parameters back with stochastic rounding (default
+            True; other dtypes are not affected). With bf16 parameters and no float32 master
+            copy the step is computed in float32 and then rounded::
+
+                x_bf16 ← SR(x_fp32_new),  E[SR(y)] = y,  SR(y) ∈ {⌊y⌋_bf16, ⌈y⌉_bf16}
+
+            (``rounding.py``: 16 random bits added to the float32 pattern, then truncated), so
+            updates below half the bf16 spacing still move the weight in expectation.
+        sr_seed: seed of SR's counter-based random bits, keyed by (sr_seed, the optimizer's SR
+            step counter, the tensor's index among all parameters): reproducible, resumable
+            (the counter is ``state_dict()["am_state"]["sr_step"]``), no host read.
         skip_nonfinite: skip a step whose all-reduced sums are not all finite (a NaN/inf
             gradient on any rank), on every rank alike. See also ``found_inf``.
         maximize: ascend (the gradient is negated; per group).
@@ -93,8 +107,9 @@ class AMAdamW(AMOptimizerBase):
     group's stored previous lr (see docs/optimizer.md).
 
     State: per param ``step`` (0-d float32 tensor on the parameter's device), ``exp_avg`` (d) and
-    ``exp_avg_sq`` (v) in the parameter dtype (same bytes as AdamW); per β ``pi``,
-    ``last_beta``, ``beta_step`` and the ``fallback_count`` in ``state_dict()["am_state"]``;
+    ``exp_avg_sq`` (v) in ``state_dtype_for(param)`` (the parameter dtype, as AdamW, except float32
+    for bf16/fp16 parameters under ``state_dtype="fp32"``); per β ``pi``, ``last_beta``,
+    ``beta_step`` and the ``fallback_count``, and the SR counter ``sr_step``, in ``state_dict()["am_state"]``;
     the previous lr per group in ``param_groups[i]["prev_lr"]``.
     """
 
@@ -124,6 +139,9 @@ class AMAdamW(AMOptimizerBase):
         amsgrad: bool = False,
         *,
         impl: Optional[str] = None,
+        state_dtype: str = "fp32",
+        stochastic_rounding: bool = True,
+        sr_seed: int = 0,
     ):
         refuse(self._name, "capturable", capturable, False,
                "a step runs host-side bookkeeping (lr ratio, group walk) that CUDA graphs cannot capture; "
@@ -138,7 +156,8 @@ class AMAdamW(AMOptimizerBase):
                         restart_threshold=restart_threshold, restart_low=restart_low,
                         maximize=bool(maximize))
         super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused,
-                         skip_nonfinite=skip_nonfinite, impl=impl)
+                         skip_nonfinite=skip_nonfinite, impl=impl, state_dtype=state_dtype,
+                         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
         self.beta_terms = False
         self.last_beta_terms = None
 
@@ -164,11 +183,14 @@ class AMAdamW(AMOptimizerBase):
         layers, _ = self._layers()
         reduce = self._reducer()
         groups, steps = [], []
+        sr_step, index = self._next_sr_step(), -1
         for group in self.param_groups:
             g = AdamWGroup([], [], [], [], [], [], lr=group["lr"], lr_ratio=self._take_lr_ratio(group),
                            weight_decay=group["weight_decay"], eps=group["eps"], beta2=group["betas"][1],
                            lam=group["lam"])
+            keys = []
             for p in group["params"]:
+                index += 1  # over all parameters, with a gradient or not: a tensor's SR key is stable
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -176,8 +198,8 @@ class AMAdamW(AMOptimizerBase):
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = torch.zeros((), dtype=torch.float32, device=self._step_device(p))
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg"] = self._new_moment(p)  # float32 for bf16/fp16 params (state_dtype)
+                    state["exp_avg_sq"] = self._new_moment(p)
                 g.params.append(local(p))
                 g.grads.append(local(p.grad))
                 g.exp_avgs.append(local(state["exp_avg"]))
@@ -185,6 +207,8 @@ class AMAdamW(AMOptimizerBase):
                 g.steps.append(state["step"])  # before this step: the kernels use step + 1
                 g.layers.append(layers[p])
                 g.weights.append(self._weight(p))
+                keys.append(self._sr_key(p, sr_step, index))
+            g.sr_keys = keys if any(k is not None for k in keys) else None
             g.grads = signed_grads(g.grads, group)
             steps += g.steps
             groups.append(g)

@@ -57,6 +57,8 @@ class AMSGD(AMOptimizerBase):
     :class:`AMAdamW`. ``foreach``: as AMAdamW; ``fused=True``: the C++ kernels on CPU (as
     AMAdamW; foreach where they cannot be built: there are no compiled AM-SGD kernels), the
     multi-tensor Triton kernels on CUDA; ``impl=``: as AMAdamW's, without "compiled".
+    ``state_dtype``, ``stochastic_rounding``, ``sr_seed``: as AMAdamW's (bf16 parameters: d in
+    float32 by default, x ← SR(x - η d) computed in float32).
     Per-param state: ``momentum_buffer`` (not created by a skipped step). ``last_sums`` is [L, 4] = A, B, C, count.
     """
 
@@ -85,6 +87,9 @@ class AMSGD(AMOptimizerBase):
         *,
         beta_max: Optional[float] = None,
         impl: Optional[str] = None,
+        state_dtype: str = "fp32",
+        stochastic_rounding: bool = True,
+        sr_seed: int = 0,
     ):
         momentum = _beta_max_of(momentum, beta_max)
         refuse(self._name, "dampening", dampening, 0.0,
@@ -96,7 +101,8 @@ class AMSGD(AMOptimizerBase):
                         beta_policy=beta_policy, beta_min=beta_min, restart_threshold=restart_threshold,
                         restart_low=restart_low, maximize=bool(maximize))
         super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused,
-                         skip_nonfinite=skip_nonfinite, impl=impl)
+                         skip_nonfinite=skip_nonfinite, impl=impl, state_dtype=state_dtype,
+                         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
 
     def _upgrade_group(self, group: dict) -> None:
         if "beta_max" in group:  # groups saved before `momentum`, or given with the alias
@@ -120,11 +126,14 @@ class AMSGD(AMOptimizerBase):
         layers, _ = self._layers()
         reduce = self._reducer()
         groups, owners = [], []
+        sr_step, index = self._next_sr_step(), -1
         for group in self.param_groups:
             g = SGDGroup([], [], [], [], lr=group["lr"], lr_ratio=self._take_lr_ratio(group),
                          weight_decay=group["weight_decay"], lam=group["lam"])
-            owner = []
+            owner, keys = [], []
+            g.lowp_state_dtype = torch.float32 if self.state_dtype == "fp32" else None
             for p in group["params"]:
+                index += 1  # over all parameters, with a gradient or not: a tensor's SR key is stable
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -136,6 +145,8 @@ class AMSGD(AMOptimizerBase):
                 g.layers.append(layers[p])
                 g.weights.append(self._weight(p))
                 owner.append(p)
+                keys.append(self._sr_key(p, sr_step, index))
+            g.sr_keys = keys if any(k is not None for k in keys) else None
             g.grads = signed_grads(g.grads, group)
             groups.append(g)
             owners.append(owner)

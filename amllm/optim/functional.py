@@ -43,8 +43,17 @@ changes (see ``docs/optimizer.md``).
 
 Numerics: statistics (sums, β, π) are computed in float32, or float64 for float64
 parameters, whatever the parameter dtype. For bf16/fp16 parameters the math of a tensor
-runs in float32 on upcast copies and is rounded once when written back; the moments d, v
-are kept in the parameter dtype (state bytes equal torch AdamW's: two tensors per param).
+runs in float32 on upcast copies and is rounded once when written back. The moments d, v
+are kept in the dtype the optimizer created them in (``state_dtype``: float32 for bf16/fp16
+parameters by default, else the parameter dtype).
+
+Low-precision parameters (``"mixed"``, in both tables): a bf16/fp16 tensor whose state dtype
+differs from its own, or that is written back with stochastic rounding (``sr_keys``: a key per
+tensor, see ``rounding.py``), takes the ``"mixed"`` path whatever fused path was asked for:
+the foreach math in float32, the parameter written with ``rounding.round_to`` (stochastic
+rounding for bf16), and the skip flag honoured on the device (``torch.where`` on the new
+values), so that it stays free of host reads on CUDA. The for-loop lines do the same one
+tensor at a time (reading the skip flag on the host, as every for-loop step).
 """
 
 from __future__ import annotations
@@ -55,13 +64,14 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _compiled, _cpu_ext, _tables, _triton
+from . import _compiled, _cpu_ext, _tables, _triton, rounding
 from .beta import BetaConfig, BetaState, at_layer, elementwise_layer_sums, finish_beta
 
 Reducer = Optional[Callable[[Tensor], Tensor]]
 Layer = Union[int, Tensor]  # a layer index, or an int64 element→layer map (flat shards)
 
 _FUSED = ("fused", "cpp", "compiled", "triton")
+_LOWP = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -90,6 +100,9 @@ class AdamWGroup:
     lam: float
     weights: list[float] = field(default_factory=list)
     buckets: Optional[dict] = None  # set by the first phase of a step (see _buckets)
+    #: Stochastic rounding of bf16 parameters: one key per tensor (``rounding.tensor_key``), or
+    #: None for round-to-nearest (the whole group, or one tensor).
+    sr_keys: Optional[list] = None
 
 
 @dataclass
@@ -105,6 +118,10 @@ class SGDGroup:
     weight_decay: float
     lam: float
     weights: list[float] = field(default_factory=list)
+    sr_keys: Optional[list] = None  # as AdamWGroup's
+    #: The dtype of a new momentum buffer of a bf16/fp16 parameter (float32: ``state_dtype="fp32"``);
+    #: None: the parameter's.
+    lowp_state_dtype: Optional[torch.dtype] = None
 
 
 def lr_ratio(prev_lr: Optional[float], lr: float) -> float:
@@ -127,6 +144,34 @@ def _up(t: Tensor) -> Tensor:
 def _writeback(dst: Tensor, src: Tensor) -> None:
     if src is not dst:
         dst.copy_(src)
+
+
+def _sr_key(grp, i: int) -> Optional[int]:
+    return None if grp.sr_keys is None else grp.sr_keys[i]
+
+
+def _write_param(grp, i: int, x_new: Tensor) -> None:
+    """x ← x_new, rounded stochastically for bf16 with a key (``rounding.round_to``)."""
+    x = grp.params[i]
+    key = _sr_key(grp, i)
+    if key is None or x.dtype != torch.bfloat16:
+        x.copy_(x_new)
+    else:
+        x.copy_(rounding.round_to(x.dtype, x_new, key))
+
+
+def _needs_mixed(grp, i: int, others) -> bool:
+    """A bf16/fp16 tensor with another state dtype, or stochastically rounded: the "mixed" path."""
+    x = grp.params[i]
+    return x.dtype in _LOWP and (_sr_key(grp, i) is not None or not _same_dtypes(i, grp.params, others))
+
+
+def _keep(dst: Tensor, new: Tensor, skip: Optional[Tensor]) -> None:
+    """dst ← new, unless the step is skipped (decided on the device: no host read)."""
+    if skip is None:
+        dst.copy_(new)
+    else:
+        dst.copy_(torch.where(skip, dst, new.to(dst.dtype)))
 
 
 def _layer_sums(terms: list[Tensor], layer: Layer, n_layers: int, weight: float) -> Tensor:
@@ -180,13 +225,13 @@ class _Ctx:
     c1: Optional[Tensor] = None
 
 
-#: Paths that read the skip flag themselves (in the kernel, no host read); the others run
-#: only when the host has read it as false (see ``_apply_buckets``).
-_SELF_SKIPPING = ("triton", "cpp")
+#: Paths that read the skip flag themselves (in the kernel or on the device, no host read); the
+#: others run only when the host has read it as false (see ``_apply_buckets``).
+_SELF_SKIPPING = ("triton", "cpp", "mixed")
 
 
 def _buckets(n: int, tensors: list[Tensor], layers: list[Layer], impl: str = "foreach", others=(),
-             kernels: Optional[dict] = None) -> dict:
+             kernels: Optional[dict] = None, mixed: Optional[list[bool]] = None) -> dict:
     """Indices grouped by ``(impl, device, dtype)``, each bucket's impl resolved to a key of
     ``kernels`` (the optimizer's table; default AM-AdamW's):
 
@@ -196,7 +241,8 @@ def _buckets(n: int, tensors: list[Tensor], layers: list[Layer], impl: str = "fo
     C++ kernels where they build, then (when the table has them) the torch.compile'd
     kernels, and on any other device (CUDA) the Triton kernels; ``"cpp"``, ``"compiled"``,
     ``"triton"`` force theirs. Whatever is unavailable: ``"foreach"``. The compiled kernels
-    skip tensors of < 2 elements (``"forloop"``).
+    skip tensors of < 2 elements (``"forloop"``). ``mixed[i]`` (a low-precision parameter with
+    float32 state or stochastic rounding, see ``_needs_mixed``): ``"mixed"`` unless ``"forloop"``.
     """
     compiled = "compiled" in (ADAMW_KERNELS if kernels is None else kernels)
     out: dict = {}
@@ -205,6 +251,8 @@ def _buckets(n: int, tensors: list[Tensor], layers: list[Layer], impl: str = "fo
         t = tensors[i]
         if impl == "forloop" or isinstance(layers[i], Tensor):
             key = ("forloop", None, None)
+        elif mixed is not None and mixed[i]:
+            key = ("mixed", t.device, t.dtype)
         elif impl in _FUSED and not all(x[i].is_contiguous() for x in (tensors, *others)):
             key = ("forloop", None, None)
         elif impl in _FUSED and not _same_dtypes(i, tensors, others):
@@ -306,12 +354,13 @@ def _adamw_stats_one(x, g, d, v, *, isc2, c1, beta2, eps, lam, wd, coef_a, layer
 
 
 def _adamw_apply_one(x, g, d, v, p, v_new, beta, *, lr, wd, lam):
+    """Writes v and d; returns the new x in the compute dtype (the caller writes it back)."""
     X, G, Dm = _up(x), _up(g), _up(d)
     d_new = (Dm * (beta + lam * p) + (1 - beta) * G) / (1 + lam * p)
     x_new = X * (1 - lr * wd) - lr * d_new / p
     v.copy_(v_new)
     d.copy_(d_new)
-    x.copy_(x_new)
+    return x_new
 
 
 def _adamw_stats_forloop(grp: AdamWGroup, idx: list[int], ctx: _Ctx):
@@ -333,8 +382,9 @@ def _adamw_stats_forloop(grp: AdamWGroup, idx: list[int], ctx: _Ctx):
 
 def _adamw_apply_forloop(grp: AdamWGroup, idx: list[int], pv, ctx: _Ctx, beta: Tensor, skip):
     for i, (p, v_new) in zip(idx, pv):
-        _adamw_apply_one(grp.params[i], grp.grads[i], grp.exp_avgs[i], grp.exp_avg_sqs[i], p, v_new,
-                         at_layer(beta, grp.layers[i]), lr=grp.lr, wd=grp.weight_decay, lam=grp.lam)
+        x_new = _adamw_apply_one(grp.params[i], grp.grads[i], grp.exp_avgs[i], grp.exp_avg_sqs[i], p, v_new,
+                                 at_layer(beta, grp.layers[i]), lr=grp.lr, wd=grp.weight_decay, lam=grp.lam)
+        _write_param(grp, i, x_new)
 
 
 def _adamw_stats_foreach(grp: AdamWGroup, idx: list[int], ctx: _Ctx):
@@ -387,6 +437,20 @@ def _adamw_apply_foreach(grp: AdamWGroup, idx: list[int], scratch, ctx: _Ctx, be
     for k, i in enumerate(idx):
         _writeback(grp.exp_avgs[i], Dm[k])
         _writeback(grp.params[i], X[k])
+
+
+def _adamw_apply_mixed(grp: AdamWGroup, idx: list[int], scratch, ctx: _Ctx, beta: Tensor, skip):
+    """The foreach update in float32 into new tensors, then written back unless skipped (on the
+    device): v and d in their dtype, x rounded (stochastically for bf16 with a key)."""
+    X, Dm, P, S, V = scratch
+    torch._foreach_mul_(S, [1 - beta[grp.layers[i]] for i in idx])  # S = (1-β) w δ
+    Dn = torch._foreach_addcmul(Dm, S, P, value=-1)  # d - (1-β) δ/(1+λp): new tensors (Dm may be d)
+    Xn = torch._foreach_mul(X, 1 - grp.lr * grp.weight_decay) if grp.weight_decay != 0 else X
+    torch._foreach_addcdiv_(Xn, Dn, P, value=-grp.lr)  # X is an upcast copy: x itself is bf16/fp16
+    for k, i in enumerate(idx):
+        _keep(grp.exp_avg_sqs[i], V[k], skip)
+        _keep(grp.exp_avgs[i], Dn[k], skip)
+        _keep(grp.params[i], rounding.round_to(grp.params[i].dtype, Xn[k], _sr_key(grp, i)), skip)
 
 
 def _adamw_rows(raw: Tensor, grp: AdamWGroup) -> Tensor:
@@ -466,19 +530,21 @@ ADAMW_KERNELS = {
     "cpp": (_adamw_stats_cpp, _adamw_apply_cpp),
     "compiled": (_adamw_stats_compiled, _adamw_apply_compiled),
     "triton": (_adamw_stats_triton, _adamw_apply_triton),
+    "mixed": (_adamw_stats_foreach, _adamw_apply_mixed),
 }
 
 
 #: The ``impl`` names ``am_adamw`` takes: its table's paths and ``"fused"`` (resolved per bucket).
 ADAMW_IMPLS = ("forloop", "foreach", "fused", "cpp", "compiled", "triton")
-assert set(ADAMW_IMPLS) == {"fused", *ADAMW_KERNELS}
+assert set(ADAMW_IMPLS) == {"fused", *ADAMW_KERNELS} - {"mixed"}
 
 
 def _adamw_buckets(grp: AdamWGroup, impl: str) -> dict:
     """Resolved once per step (stats), reused by the apply phase."""
     if grp.buckets is None:
-        grp.buckets = _buckets(len(grp.params), grp.params, grp.layers, impl,
-                               (grp.grads, grp.exp_avgs, grp.exp_avg_sqs), ADAMW_KERNELS)
+        others = (grp.grads, grp.exp_avgs, grp.exp_avg_sqs)
+        grp.buckets = _buckets(len(grp.params), grp.params, grp.layers, impl, others, ADAMW_KERNELS,
+                               [_needs_mixed(grp, i, others) for i in range(len(grp.params))])
     return grp.buckets
 
 
@@ -606,11 +672,12 @@ def _sgd_stats_one(x, g, d, *, lam, coef_a, wd, layer, n_layers, weight):
 
 
 def _sgd_apply_one(x, g, d, beta, *, lam, lr, wd):
+    """Writes d; returns the new x in the compute dtype (the caller writes it back)."""
     X, G, Dm = _up(x), _up(g), _up(d)
     G = _sgd_grad(X, G, wd)
     d_new = ((beta + lam) * Dm + (1 - beta) * G) / (1 + lam)
     d.copy_(d_new)
-    x.copy_(X - lr * d_new)
+    return X - lr * d_new
 
 
 def _sgd_rows(raw: Tensor, grp: SGDGroup) -> Tensor:
@@ -629,8 +696,9 @@ def _sgd_stats_forloop(grp: SGDGroup, idx: list[int], ctx: _Ctx):
 
 def _sgd_apply_forloop(grp: SGDGroup, idx: list[int], scratch, ctx: _Ctx, beta: Tensor, skip):
     for i in idx:
-        _sgd_apply_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i], at_layer(beta, grp.layers[i]),
-                       lam=grp.lam, lr=grp.lr, wd=grp.weight_decay)
+        _write_param(grp, i, _sgd_apply_one(grp.params[i], grp.grads[i], grp.momentum_buffers[i],
+                                            at_layer(beta, grp.layers[i]), lam=grp.lam, lr=grp.lr,
+                                            wd=grp.weight_decay))
 
 
 def _sgd_stats_foreach(grp: SGDGroup, idx: list[int], ctx: _Ctx):
@@ -652,6 +720,18 @@ def _sgd_apply_foreach(grp: SGDGroup, idx: list[int], scratch, ctx: _Ctx, beta: 
     for k, i in enumerate(idx):
         _writeback(grp.momentum_buffers[i], Dm[k])
         _writeback(grp.params[i], X[k])
+
+
+def _sgd_apply_mixed(grp: SGDGroup, idx: list[int], scratch, ctx: _Ctx, beta: Tensor, skip):
+    """As ``_sgd_apply_foreach`` into new tensors, written back unless skipped (on the device);
+    x rounded (stochastically for bf16 with a key)."""
+    X, Dm, Delta = scratch
+    torch._foreach_mul_(Delta, [(beta[grp.layers[i]] - 1) / (1 + grp.lam) for i in idx])
+    Dn = torch._foreach_add(Dm, Delta)  # new tensors (Dm may be d itself)
+    torch._foreach_add_(X, Dn, alpha=-grp.lr)  # X is an upcast copy: x itself is bf16/fp16
+    for k, i in enumerate(idx):
+        _keep(grp.momentum_buffers[i], Dn[k], skip)
+        _keep(grp.params[i], rounding.round_to(grp.params[i].dtype, X[k], _sr_key(grp, i)), skip)
 
 
 def _sgd_stats_cpp(grp: SGDGroup, idx: list[int], ctx: _Ctx):
@@ -686,19 +766,21 @@ SGD_KERNELS = {
     "foreach": (_sgd_stats_foreach, _sgd_apply_foreach),
     "cpp": (_sgd_stats_cpp, _sgd_apply_cpp),
     "triton": (_sgd_stats_triton, _sgd_apply_triton),
+    "mixed": (_sgd_stats_foreach, _sgd_apply_mixed),
 }
 
 
 #: The ``impl`` names ``am_sgd`` takes.
 SGD_IMPLS = ("forloop", "foreach", "fused", "cpp", "triton")
-assert set(SGD_IMPLS) == {"fused", *SGD_KERNELS}
+assert set(SGD_IMPLS) == {"fused", *SGD_KERNELS} - {"mixed"}
 
 
 def _sgd_buckets(grp: SGDGroup, have: list[int], impl: str) -> dict:
     """Buckets over the tensors that have a buffer (indices into the group's lists)."""
     sub = lambda lst: [lst[i] for i in have]  # noqa: E731
-    buckets = _buckets(len(have), sub(grp.params), sub(grp.layers), impl,
-                       (sub(grp.grads), sub(grp.momentum_buffers)), SGD_KERNELS)
+    others = (grp.grads, grp.momentum_buffers)
+    buckets = _buckets(len(have), sub(grp.params), sub(grp.layers), impl, tuple(sub(o) for o in others),
+                       SGD_KERNELS, [_needs_mixed(grp, i, others) for i in have])
     return {key: [have[j] for j in idx] for key, idx in buckets.items()}
 
 
@@ -730,8 +812,9 @@ def _sgd_apply(grp: SGDGroup, sc, ctx: _Ctx, beta: Tensor, skip: Optional[Tensor
     for i in first:  # first step of a tensor: d ← g, x ← x - η d
         x = grp.params[i]
         d = _sgd_grad(_up(x), _up(grp.grads[i]), grp.weight_decay).clone()
-        x.copy_(_up(x) - grp.lr * d)
-        grp.momentum_buffers[i] = d.to(x.dtype)
+        _write_param(grp, i, _up(x) - grp.lr * d)
+        lowp = grp.lowp_state_dtype if x.dtype in _LOWP and grp.lowp_state_dtype is not None else x.dtype
+        grp.momentum_buffers[i] = d.to(lowp)
     _apply_of(SGD_KERNELS, grp, buckets, scratch, ctx, beta, skip)
 
 

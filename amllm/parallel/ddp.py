@@ -37,7 +37,8 @@ class DDPBackend(Backend):
         self.raw_model = prepare_blocks(model, self.cfg.train)  # AC, then per-block compile, then DDP
         self.model = wrap_ddp(model, self.info)
         self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device,
-                                         names={p: n for n, p in model.named_parameters()})
+                                         names={p: n for n, p in model.named_parameters()},
+                                         sr_seed=self.cfg.train.seed)
         self._take_names(self.optimizer)
 
     def autocast(self):

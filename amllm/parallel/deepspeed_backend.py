@@ -212,7 +212,8 @@ class DeepSpeedBackend(Backend):
 
     def setup(self, model: torch.nn.Module) -> None:
         self.raw_model = prepare_blocks(model, self.cfg.train, compile=False)  # AC; the engine compiles itself
-        optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device)
+        optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device,
+                                    sr_seed=self.cfg.train.seed)
         self._take_names(optimizer)  # before DeepSpeed rewrites the groups to its flat shards
         self.engine = self.model = build_engine(model, optimizer, self.cfg)
         self.optimizer = am_optimizer(self.engine)  # lr per group is set on DeepSpeed's groups (set_lr)

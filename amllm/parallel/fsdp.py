@@ -134,7 +134,9 @@ def load_dcp(path: str | os.PathLike, model: nn.Module, optimizer=None) -> dict:
         state = {"model": model_sd, "optim": optim_sd}
         am = _am_state(optimizer)
         if am is not None and "am_state" in has:
-            state["am_state"] = am  # fresh tensors of the right shapes, filled in place by DCP
+            # fresh tensors of the right shapes, filled in place by DCP; only the keys the checkpoint has
+            # (one saved before a key existed, e.g. sr_step, loads with that key's fresh value)
+            state["am_state"] = {k: v for k, v in am.items() if f"am_state.{k}" in meta}
     if "extra" in has:
         state["extra"] = ""  # replaced by the saved string
     dcp.load(state, checkpoint_id=str(path))
@@ -202,7 +204,8 @@ class FSDP2Backend(Backend):
         self.raw_model = self.model = apply_fsdp2(model, self.cfg.train.precision,
                                                   reshard_after_forward=self.cfg.parallel.reshard_after_forward)
         self.optimizer = build_optimizer(self.cfg.optim, model.parameters(), self.info.device,
-                                         names={p: n for n, p in model.named_parameters()})
+                                         names={p: n for n, p in model.named_parameters()},
+                                         sr_seed=self.cfg.train.seed)
         self._take_names(self.optimizer)
 
     def micro_step(self, last: bool):
