@@ -27,6 +27,18 @@ def _impl_kwargs(cfg: OptimConfig, device: torch.device) -> dict:
     return {"fused": True}
 
 
+def block_groups(params: list[torch.nn.Parameter], names: dict) -> list[dict]:
+    """optim.per_layer=block: one param group, hence one β (layer_per_group), per transformer block
+    (`...layers.<i>.`); the embedding and the rest (final norm, head) one group each. Every group keeps
+    the optimizer's lr and weight decay, so the update is the per-tensor one but for the β's."""
+    groups: dict[str, list] = {}
+    for p in params:
+        name = names.get(p, "")
+        m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+        groups.setdefault(f"block{m.group(1)}" if m else "embed" if "embed" in name else "head", []).append(p)
+    return [{"params": ps, "name": k, "layer_per_group": True} for k, ps in groups.items()]
+
+
 def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter], device: torch.device,
                     names: Optional[dict] = None, sr_seed: int = 0) -> torch.optim.Optimizer:
     """The AM optimizers take no reducer here: DDP needs none, FSDP2's DTensor parameters reduce over

@@ -477,4 +477,4 @@ def test_second_launch_on_a_live_run_dir_is_refused_and_a_stale_lock_taken_over(
         first.kill()  # SIGKILL: the lock file stays, its flock goes with the process
         first.wait()
     rc, out, _ = run_quiet(base(run))
-    assert rc == 0 and f"taking over the lock of a run that is gone (host" in out and f"pid {first.pid}" in out
+    assert rc == 0 and "taking over the lock of a run that is gone (host" in out and f"pid {first.pid}" in out
