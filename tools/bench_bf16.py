@@ -3,6 +3,7 @@ with each precision and optimizer setting, final validation losses side by side.
 
     python -m tools.bench_bf16                        # the cases below, ~1-2 min each on a CPU
     python -m tools.bench_bf16 --quick                # AM-AdamW only: fp32, bf16_pure, paper harness
+    python -m tools.bench_bf16 --only "adamw fp32" "adamw bf16_pure"   # named cases only
     python -m tools.bench_bf16 --device cuda --steps 200
 
 Cases (every other setting is the default job's):
@@ -18,7 +19,7 @@ Cases (every other setting is the default job's):
 "paper" is the paper's harness: bf16 weights and bf16 moments, round to nearest
 (optim.state_dtype=param optim.stochastic_rounding=false). Prints each case's final val loss and its
 ratio to the fp32 run of the same optimizer (bf16_pure's acceptance: within 1%, tools/gpu_check.sh).
-The runs go to --out (default runs/bench_bf16/, replaced).
+The runs go to --out (default runs/bench_bf16/; each case's directory is replaced).
 """
 
 from __future__ import annotations
@@ -54,18 +55,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=None, help="train.max_steps (default: the default job's)")
     p.add_argument("--quick", action="store_true", help="AM-AdamW only: fp32, bf16_pure, paper harness")
+    p.add_argument("--only", nargs="+", default=None, metavar="CASE", help="these cases, e.g. --only 'adamw fp32'")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every case")
     args = p.parse_args(argv)
 
     import train  # the trainer itself, in this process (train.py at the repository root)
 
+    names = args.only or (QUICK if args.quick else tuple(CASES))
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        p.error(f"unknown case {unknown[0]!r}; choose from {', '.join(map(repr, CASES))}")
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    for name in names:  # only the cases this run makes (an --only run keeps the others' results)
+        shutil.rmtree(out / name.replace(" ", "_"), ignore_errors=True)
     common = [f"train.device={args.device}", "log.progress=false", *args.set]
     if args.steps is not None:
         common.append(f"train.max_steps={args.steps}")
     losses, secs = {}, {}
-    for name in (QUICK if args.quick else CASES):
+    for name in names:
         run = out / name.replace(" ", "_")
         start = time.perf_counter()
         rc = train.main([*common, *CASES[name], f"run_dir={run}"])
