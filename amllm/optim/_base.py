@@ -137,6 +137,8 @@ class AMOptimizerBase(Optimizer):
 
     #: The ``impl`` values this optimizer accepts: "auto" and functional's names (subclasses).
     IMPLS: tuple = ("auto",)
+    #: what pickling/deepcopy keeps besides torch's fields (a subclass extends it with its own)
+    _PICKLED: dict = _PICKLED
 
     def __init__(self, params, defaults: dict, reducer=None, foreach: Optional[bool] = None,
                  fused: Optional[bool] = None, skip_nonfinite: bool = False, impl: Optional[str] = None,
@@ -228,7 +230,7 @@ class AMOptimizerBase(Optimizer):
                 f"{self._name} with a ProcessGroup reducer cannot be pickled or deep-copied (a process "
                 f"group belongs to its process): save state_dict() and build the optimizer again")
         state = super().__getstate__()
-        state.update({k: self.__dict__[k] for k in _PICKLED})
+        state.update({k: self.__dict__[k] for k in self._PICKLED})
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -236,7 +238,7 @@ class AMOptimizerBase(Optimizer):
         super().__setstate__(state)
         # torch adds this for its own optimizers; ours refuse the option (not a group key)
         self.defaults.pop("differentiable", None)
-        for k, v in _PICKLED.items():  # pickles from before a field existed
+        for k, v in self._PICKLED.items():  # pickles from before a field existed
             self.__dict__.setdefault(k, v)
         self._reset_caches()
         for group in self.param_groups:  # dicts saved before these keys existed

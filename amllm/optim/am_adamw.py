@@ -158,10 +158,11 @@ class AMAdamW(AMOptimizerBase):
         super().__init__(params, defaults, reducer=reducer, foreach=foreach, fused=fused,
                          skip_nonfinite=skip_nonfinite, impl=impl, state_dtype=state_dtype,
                          stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
+        self.beta_terms = False
 
-    # class-level defaults, not set in __init__ alone: an AMAdamW pickled before the telemetry existed
-    # (or restored through __setstate__) has no such attributes and must still step
-    beta_terms = False
+    # beta_terms is a setting: kept by pickling/deepcopy (False for pickles from before it existed);
+    # last_beta_terms is the last step's output, rebuilt by the next step
+    _PICKLED = {**AMOptimizerBase._PICKLED, "beta_terms": False}
     last_beta_terms = None
 
     def _beta_max(self, group: dict) -> float:
