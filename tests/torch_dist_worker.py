@@ -33,7 +33,7 @@ def build(case: dict, world: int):
         # DDP: every rank holds the full averaged gradient -> no reduction (the negative control
         # reduces anyway and counts every element world-size times)
         reducer = dist.group.WORLD if case.get("double_reduce") else None
-    opt = AMAdamW(param_groups(model), lr=LRS[0], betas=(0.9, 0.99), per_layer=case.get("per_layer", False),
+    opt = AMAdamW(param_groups(model), lr=LRS[0] * case.get("lr_scale", 1.0), betas=(0.9, 0.99), per_layer=case.get("per_layer", False),
                   reducer=reducer)
     return model, opt
 
@@ -59,13 +59,13 @@ class CountAllReduce:
         dist.all_reduce = self._orig
 
 
-def train_steps(model, opt, steps, rank, world) -> dict:
+def train_steps(model, opt, steps, rank, world, lr_scale: float = 1.0) -> dict:
     import torch.distributed as dist
 
     out = {"loss": [], "beta": [], "sums": [], "opt_all_reduces": []}
     for step in steps:
         for g in opt.param_groups:
-            g["lr"] = LRS[step]
+            g["lr"] = LRS[step] * lr_scale
         mbs = micro_batches(step, rank, world)
         total = torch.zeros(())
         for ids in mbs:
@@ -112,9 +112,10 @@ def run_cases(rank: int, world: int, port: int, cases: list, out_path: str) -> N
         if "load" in case:
             extra = load_dcp(case["load"], model, opt)
             res["extra"] = extra
-            res.update(train_steps(model, opt, range(extra["step"], case["steps"]), rank, world))
+            res.update(train_steps(model, opt, range(extra["step"], case["steps"]), rank, world,
+                                   case.get("lr_scale", 1.0)))
         else:
-            res.update(train_steps(model, opt, range(case["steps"]), rank, world))
+            res.update(train_steps(model, opt, range(case["steps"]), rank, world, case.get("lr_scale", 1.0)))
             if "save" in case:
                 save_dcp(case["save"], model, opt, extra={"step": case["steps"], "sampler": {"pos": 8 * case["steps"]}})
         results[case["name"]] = res
