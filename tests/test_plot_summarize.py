@@ -231,3 +231,23 @@ def test_bundle_reads_back_like_the_run_directories(runs_root, tmp_path):
         if run.betas is not None:
             np.testing.assert_allclose(other.betas, run.betas, rtol=1e-5)
     assert [r.name for r in load_runs([f"{bundle}#am_*"])] == sorted(n for n in back if n.startswith("am_"))
+
+
+def test_bundle_add_keeps_the_earlier_runs_and_replaces_same_names(runs_root, tmp_path):
+    """--bundle --add: a study finished in stages grows one bundle; without --add the file is rewritten."""
+    runs = load_runs([str(runs_root)])
+    assert len(runs) >= 3
+    first, rest = runs[:2], runs[1:]  # runs[1] in both stages
+    bundle = tmp_path / "b.jsonl"
+    assert summarize.main([str(r.path) for r in first] + ["--bundle", str(bundle)]) == 0
+    items = [json.loads(line) for line in bundle.read_text().splitlines()]
+    items[1]["config"] = {"stale": True}  # runs[1]'s first-stage line, marked
+    bundle.write_text("".join(json.dumps(item) + "\n" for item in items))
+    assert summarize.main([str(r.path) for r in rest] + ["--bundle", str(bundle), "--add"]) == 0
+    lines = [json.loads(line) for line in bundle.read_text().splitlines()]
+    assert sorted(item["run"] for item in lines) == sorted(r.name for r in runs)  # each run once
+    by_name = {item["run"]: item for item in lines}
+    assert by_name[runs[1].name]["config"] == runs[1].config  # replaced by the second stage's line
+    assert by_name[runs[0].name]["config"] == runs[0].config  # kept from the first
+    assert summarize.main([str(r.path) for r in rest] + ["--bundle", str(bundle)]) == 0
+    assert sorted(json.loads(line)["run"] for line in bundle.read_text().splitlines()) == sorted(r.name for r in rest)

@@ -10,8 +10,8 @@
 # One run at a time (JOBS=2 for two) at ~5-6 min each on a shared 2-core machine. Re-running a stage skips
 # finished runs and resumes interrupted ones, so a stage cut short is finished by running it again;
 # SEEDS="3 4" limits a stage to those seeds. Runs (and checkpoints) stay under the ignored runs/; each
-# stage writes its runs as one compact bundle (docs/study/warmup/<stage>.jsonl, python -m tools.summarize
-# --bundle), and every table and figure is made from the bundles.
+# stage adds its runs to one compact bundle (docs/study/warmup/<stage>.jsonl, python -m tools.summarize
+# --bundle --add: seeds run elsewhere stay in it), and every table and figure is made from the bundles.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -44,18 +44,18 @@ mkdir -p $D
 case "${1:-}" in
   screen)
     sweep configs/cpu/study_screen_grid.yaml runs/study_screen
-    "$PY" -m tools.summarize runs/study_screen --bundle $D/screen.jsonl
+    "$PY" -m tools.summarize runs/study_screen --bundle $D/screen.jsonl --add
     screen_tables ;;
   study)
     O=runs/study_warmup
     sweep configs/cpu/study_warmup_grid.yaml $O
     "$PY" -m tools.summarize "$O/adamw-warmup-s*" "$O/adamw-nowarmup-s*" "$O/am_adamw-warmup-s*" \
-        "$O/am_adamw-nowarmup-s*" --bundle $D/study.jsonl
+        "$O/am_adamw-nowarmup-s*" --bundle $D/study.jsonl --add
     study_tables ;;
   control)
     O=runs/study_warmup
     sweep configs/cpu/study_control_grid.yaml $O
-    "$PY" -m tools.summarize "$O/am_adamw-per*-nowarmup-s*" "$O/adamw-beta1_*-nowarmup-s*" --bundle $D/control.jsonl
+    "$PY" -m tools.summarize "$O/am_adamw-per*-nowarmup-s*" "$O/adamw-beta1_*-nowarmup-s*" --bundle $D/control.jsonl --add
     control_tables ;;
   tables)
     [ -f $D/screen.jsonl ] && screen_tables

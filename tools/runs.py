@@ -217,11 +217,20 @@ def _small(value):
     return value
 
 
-def write_bundle(runs: list[Run], out: Path) -> Path:
+def write_bundle(runs: list[Run], out: Path, add: bool = False) -> Path:
     """One JSON line per run: {"run", "done", "config", "train": [...], "eval": [...]} with the records
     reduced to BUNDLE_TRAIN / BUNDLE_EVAL at 7 digits (float32): a study's runs in one file that
-    load_runs reads back (instead of a directory per run with a near-identical config.yaml each)."""
+    load_runs reads back (instead of a directory per run with a near-identical config.yaml each).
+
+    ``add``: keep the lines already in ``out`` whose run is not among ``runs`` (a run of the same name
+    is replaced by the new one), so a study finished in stages -- on machines whose run directories are
+    gone -- grows one bundle instead of overwriting the seeds an earlier stage committed."""
     lines = []
+    if add and out.is_file():
+        new = {run.name for run in runs}
+        for line in out.read_text().splitlines():
+            if line.strip() and json.loads(line).get("run") not in new:
+                lines.append(line)
     for run in runs:
         recs = read_metrics(run.path / METRICS)
         keep = {"train": BUNDLE_TRAIN, "eval": BUNDLE_EVAL}

@@ -6,6 +6,7 @@
     python -m tools.summarize runs/study_beta --export docs/study/runs   # compact copies of the runs
     python -m tools.summarize runs/study_warmup --bundle docs/study/warmup.jsonl   # the same, one file
     python -m tools.summarize docs/study/warmup.jsonl --study       # a bundle reads like run directories
+    python -m tools.summarize runs/more_seeds --bundle docs/study/warmup.jsonl --add   # grow it
 
 Table 1: final and best validation loss / perplexity per run. Table 2, the paper's layout:
 rows model x schedule, columns AdamW | AM-AdamW | Clip | Restart, cells the mean final
@@ -543,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, metavar="FILE.jsonl",
                         help="write the runs into one compact file (one line per run) that the tools read back, "
                              "and stop")
+    parser.add_argument("--add", action="store_true",
+                        help="with --bundle: keep the bundle's other runs (same-named runs are replaced)")
     args = parser.parse_args(argv)
     runs = load_runs_or_report(args.runs)
     if runs is None:
@@ -551,7 +554,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(export_runs(runs, args.export))} runs into {args.export}")
         return 0
     if args.bundle:
-        print(f"wrote {len(runs)} runs into {write_bundle(runs, args.bundle)}")
+        out = write_bundle(runs, args.bundle, add=args.add)
+        total = sum(1 for line in out.read_text().splitlines() if line.strip())
+        print(f"wrote {len(runs)} runs into {out}" + (f" ({total} in all)" if args.add else ""))
         return 0
     pairs = DEFAULT_PAIRS
     if args.pair:
