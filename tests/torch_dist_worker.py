@@ -33,7 +33,7 @@ def build(case: dict, world: int):
         # DDP: every rank holds the full averaged gradient -> no reduction (the negative control
         # reduces anyway and counts every element world-size times)
         reducer = dist.group.WORLD if case.get("double_reduce") else None
-    opt = AMAdamW(param_groups(model), lr=LRS[0] * case.get("lr_scale", 1.0), betas=(0.9, 0.99), per_layer=case.get("per_layer", False),
+    opt = AMAdamW(param_groups(model), lr=LRS[0], betas=(0.9, 0.99), per_layer=case.get("per_layer", False),
                   reducer=reducer)
     return model, opt
 
@@ -108,14 +108,14 @@ def run_cases(rank: int, world: int, port: int, cases: list, out_path: str) -> N
     results = {}
     for case in cases:
         model, opt = build(case, world)
+        lr_scale = case.get("lr_scale", 1.0)  # train_steps sets every step's lr (build's is overwritten)
         res = {"param_type": type(next(model.parameters())).__name__}
         if "load" in case:
             extra = load_dcp(case["load"], model, opt)
             res["extra"] = extra
-            res.update(train_steps(model, opt, range(extra["step"], case["steps"]), rank, world,
-                                   case.get("lr_scale", 1.0)))
+            res.update(train_steps(model, opt, range(extra["step"], case["steps"]), rank, world, lr_scale))
         else:
-            res.update(train_steps(model, opt, range(case["steps"]), rank, world, case.get("lr_scale", 1.0)))
+            res.update(train_steps(model, opt, range(case["steps"]), rank, world, lr_scale))
             if "save" in case:
                 save_dcp(case["save"], model, opt, extra={"step": case["steps"], "sampler": {"pos": 8 * case["steps"]}})
         results[case["name"]] = res

@@ -217,14 +217,15 @@ def _small(value):
     return value
 
 
-def write_bundle(runs: list[Run], out: Path, add: bool = False) -> Path:
+def write_bundle(runs: list[Run], out: Path, add: bool = False) -> int:
     """One JSON line per run: {"run", "done", "config", "train": [...], "eval": [...]} with the records
     reduced to BUNDLE_TRAIN / BUNDLE_EVAL at 7 digits (float32): a study's runs in one file that
     load_runs reads back (instead of a directory per run with a near-identical config.yaml each).
 
     ``add``: keep the lines already in ``out`` whose run is not among ``runs`` (a run of the same name
     is replaced by the new one), so a study finished in stages -- on machines whose run directories are
-    gone -- grows one bundle instead of overwriting the seeds an earlier stage committed."""
+    gone -- grows one bundle instead of overwriting the seeds an earlier stage committed. Returns the
+    number of runs the file now holds."""
     lines = []
     if add and out.is_file():
         new = {run.name for run in runs}
@@ -242,7 +243,7 @@ def write_bundle(runs: list[Run], out: Path, add: bool = False) -> Path:
                                 separators=(",", ":")))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    return out
+    return len(lines)
 
 
 def read_bundle(path: Path) -> list[Run]:

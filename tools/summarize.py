@@ -554,9 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(export_runs(runs, args.export))} runs into {args.export}")
         return 0
     if args.bundle:
-        out = write_bundle(runs, args.bundle, add=args.add)
-        total = sum(1 for line in out.read_text().splitlines() if line.strip())
-        print(f"wrote {len(runs)} runs into {out}" + (f" ({total} in all)" if args.add else ""))
+        total = write_bundle(runs, args.bundle, add=args.add)
+        print(f"wrote {len(runs)} runs into {args.bundle}" + (f" ({total} in all)" if args.add else ""))
         return 0
     pairs = DEFAULT_PAIRS
     if args.pair:
