@@ -251,3 +251,9 @@ def test_bundle_add_keeps_the_earlier_runs_and_replaces_same_names(runs_root, tm
     assert by_name[runs[0].name]["config"] == runs[0].config  # kept from the first
     assert summarize.main([str(r.path) for r in rest] + ["--bundle", str(bundle)]) == 0
     assert sorted(json.loads(line)["run"] for line in bundle.read_text().splitlines()) == sorted(r.name for r in rest)
+    # a bundle as input: one line that says what to do, and the bundle is left as it was
+    before = bundle.read_text()
+    res = cli("summarize.py", bundle, "--bundle", tmp_path / "c.jsonl", "--add")
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "with --add" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "c.jsonl").exists()
+    assert bundle.read_text() == before

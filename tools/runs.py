@@ -233,6 +233,10 @@ def write_bundle(runs: list[Run], out: Path, add: bool = False) -> int:
             if line.strip() and json.loads(line).get("run") not in new:
                 lines.append(line)
     for run in runs:
+        if not (run.path / METRICS).is_file():  # read from a bundle: its full records are gone
+            raise RunError(f"{run.path}: --bundle takes run directories, and this run comes from a bundle; "
+                           f"to merge, add the run directories to the bundle with --add")
+    for run in runs:
         recs = read_metrics(run.path / METRICS)
         keep = {"train": BUNDLE_TRAIN, "eval": BUNDLE_EVAL}
         out_recs: dict = {"train": [], "eval": []}

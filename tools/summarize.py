@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from tools.runs import (
-    PAPER_METHODS, PAPER_VAL_LOSS, Run, format_lr, load_runs_or_report, natural_key, runs_parser, write_bundle)
+    PAPER_METHODS, PAPER_VAL_LOSS, Run, RunError, format_lr, load_runs_or_report, natural_key, runs_parser,
+    write_bundle)
 
 MISSING = "—"
 SCHEDULES = ("warmup", "no warmup")
@@ -554,7 +555,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(export_runs(runs, args.export))} runs into {args.export}")
         return 0
     if args.bundle:
-        total = write_bundle(runs, args.bundle, add=args.add)
+        try:
+            total = write_bundle(runs, args.bundle, add=args.add)
+        except RunError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(f"wrote {len(runs)} runs into {args.bundle}" + (f" ({total} in all)" if args.add else ""))
         return 0
     pairs = DEFAULT_PAIRS
